@@ -1,0 +1,43 @@
+"""Package-wide settings: compute device, data loader workers, data directory, progress bars."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DATA_DIR_ENV = "ST_FROM_HE_DATA_DIR"
+"""Environment variable naming a folder that holds the package's datasets (e.g. ``her2st/``)."""
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "st_from_he"
+
+
+@dataclass
+class _Settings:
+    """Settings of :mod:`st_from_he`, reachable as ``sth.settings``.
+
+    Attributes
+    ----------
+    device
+        ``"auto"`` (CUDA, then MPS, then CPU) or a torch device string such as ``"cpu"`` or ``"cuda:1"``.
+    num_workers
+        Data loader worker processes. ``0`` loads in the main process, which is fastest for small data.
+    num_threads
+        CPU threads torch may use; ``None`` leaves torch's choice.
+    cache_dir
+        Where downloaded datasets and decoded images are kept.
+    progress_bar
+        Show progress bars on long work.
+    """
+
+    device: str = "auto"
+    num_workers: int = 0
+    num_threads: int | None = None
+    cache_dir: Path = field(default_factory=_default_cache_dir)
+    progress_bar: bool = True
+
+
+settings = _Settings()
