@@ -30,6 +30,8 @@ SAMPLE_KEY = "sample"
 REGION_KEY = "region"
 INSTANCE_KEY = "spot_id"
 SPATIAL_KEY = "spatial"
+UNS_KEY = "st_from_he"
+"""``table.uns[UNS_KEY]`` holds the package's notes on a table, e.g. ``{"raw_counts": False}`` when ``X`` is not raw."""
 
 
 def image_key(sample: str) -> str:

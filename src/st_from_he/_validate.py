@@ -32,12 +32,47 @@ def check_raw_counts(x, *, where: str) -> None:
         )
 
 
+def is_raw_counts(x) -> bool:
+    """Whether ``x`` (dense or sparse) holds finite, non-negative whole numbers, i.e. could be raw counts."""
+    try:
+        check_raw_counts(x, where="X")
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def check_table_raw_counts(table, *, table_key: str = "table") -> None:
+    """Raise a clear error if the table's ``X`` does not hold raw counts (as training and gene selection need).
+
+    Tables built by :func:`st_from_he.io.attach_histology` from normalised data keep ``X`` as given and say so in
+    ``table.uns["st_from_he"]["raw_counts"]``; the message then names that origin and the fix.
+
+    Parameters
+    ----------
+    table
+        The :class:`~anndata.AnnData` table.
+    table_key
+        Its key in the :class:`~spatialdata.SpatialData`, for the message.
+    """
+    from ._sdata import UNS_KEY
+
+    if table.uns.get(UNS_KEY, {}).get("raw_counts") is False:
+        raise ValueError(
+            f"Table {table_key!r} X does not hold raw counts (it was attached from normalised or log-transformed "
+            f"data). Training needs raw counts: call `sth.pp.attach_histology` on an AnnData whose X holds the raw "
+            f"counts (e.g. `adata.X = adata.layers['counts']` or `adata.raw.to_adata()` first)."
+        )
+    check_raw_counts(table.X, where=f"Table {table_key!r} X")
+
+
 def check_spots_in_image(spatial_px: np.ndarray, height: int, width: int, *, sample: str) -> None:
     """Raise if spot centres (x, y in pixels) fall outside an image of ``height`` x ``width`` pixels."""
     spatial_px = np.asarray(spatial_px, dtype=float)
     if not np.all(np.isfinite(spatial_px)):
         raise ValueError(f"Sample {sample!r}: some spot coordinates are NaN or infinite.")
-    outside = (spatial_px[:, 0] < 0) | (spatial_px[:, 0] >= width) | (spatial_px[:, 1] < 0) | (spatial_px[:, 1] >= height)
+    outside = (
+        (spatial_px[:, 0] < 0) | (spatial_px[:, 0] >= width) | (spatial_px[:, 1] < 0) | (spatial_px[:, 1] >= height)
+    )
     if outside.any():
         raise ValueError(
             f"Sample {sample!r}: {int(outside.sum())} of {len(spatial_px)} spot centres lie outside the "

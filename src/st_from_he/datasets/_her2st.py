@@ -6,8 +6,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .._logging import logger
-from .._settings import DATA_DIR_ENV, settings
+from st_from_he._logging import logger
+from st_from_he._settings import DATA_DIR_ENV, settings
 
 SECTIONS = ("B4", "C2", "C3", "C4", "C5", "C6")
 _REPO = "https://raw.githubusercontent.com/almaan/her2st/85df7411b987a7dec3feff9718b869a7a82091ec/"
@@ -15,43 +15,143 @@ _REPO = "https://raw.githubusercontent.com/almaan/her2st/85df7411b987a7dec3feff9
 # (file name in the package's layout, path in almaan/her2st, sha256)
 _FILES = {
     "B4": [
-        ("B4_HE.jpg", "data/ST-imgs/B/B4/BT10737_D2_HE.jpg", "3cb165614ce2a13426381e450220dccac980cc9bda6a90fb041c28ca0e2c753d"),
-        ("B4_counts.tsv.gz", "data/ST-cnts/B4.tsv.gz", "e38231c2a38c9bc7e6d550eec0e527c1869ee0e525fc913e708d1323c34f5ebb"),
-        ("B4_expression_clusters.tsv.gz", "res/ST-cluster/lbl/B4-cluster-annotation.tsv.gz", "ea7ce6d9630921a9b0d03178988192b7c71baec19eb183ebdfdb991e47d690e4"),
-        ("B4_spots.tsv", "data/ST-spotfiles/B4_selection.tsv", "192b46f3ca414c85753a01a4fb5760a697ca6c0a1aadb949c4687cc6efa9faa0"),
+        (
+            "B4_HE.jpg",
+            "data/ST-imgs/B/B4/BT10737_D2_HE.jpg",
+            "3cb165614ce2a13426381e450220dccac980cc9bda6a90fb041c28ca0e2c753d",
+        ),
+        (
+            "B4_counts.tsv.gz",
+            "data/ST-cnts/B4.tsv.gz",
+            "e38231c2a38c9bc7e6d550eec0e527c1869ee0e525fc913e708d1323c34f5ebb",
+        ),
+        (
+            "B4_expression_clusters.tsv.gz",
+            "res/ST-cluster/lbl/B4-cluster-annotation.tsv.gz",
+            "ea7ce6d9630921a9b0d03178988192b7c71baec19eb183ebdfdb991e47d690e4",
+        ),
+        (
+            "B4_spots.tsv",
+            "data/ST-spotfiles/B4_selection.tsv",
+            "192b46f3ca414c85753a01a4fb5760a697ca6c0a1aadb949c4687cc6efa9faa0",
+        ),
     ],
     "C2": [
-        ("C2_HE.jpg", "data/ST-imgs/C/C2/5714_HE_BT_C2.jpg", "26e2f73ae840cdd46c5bba405aae181f13a56a376b9848dff23f7a9c5de7f19e"),
-        ("C2_counts.tsv.gz", "data/ST-cnts/C2.tsv.gz", "c1c59ea6cffae36b9ecb561b8e2a97e3aa5f4085f748e991a0e330ed9d09773d"),
-        ("C2_expression_clusters.tsv.gz", "res/ST-cluster/lbl/C2-cluster-annotation.tsv.gz", "3211500325b1be1cd2be7480f2b094a48647fc25df4d8fe6afb8c48c15650ece"),
-        ("C2_spots.tsv", "data/ST-spotfiles/C2_selection.tsv", "235b5f4306b3b57c628ffc82c98c7109602474fbcc79a917b9c50517f99b6b1c"),
+        (
+            "C2_HE.jpg",
+            "data/ST-imgs/C/C2/5714_HE_BT_C2.jpg",
+            "26e2f73ae840cdd46c5bba405aae181f13a56a376b9848dff23f7a9c5de7f19e",
+        ),
+        (
+            "C2_counts.tsv.gz",
+            "data/ST-cnts/C2.tsv.gz",
+            "c1c59ea6cffae36b9ecb561b8e2a97e3aa5f4085f748e991a0e330ed9d09773d",
+        ),
+        (
+            "C2_expression_clusters.tsv.gz",
+            "res/ST-cluster/lbl/C2-cluster-annotation.tsv.gz",
+            "3211500325b1be1cd2be7480f2b094a48647fc25df4d8fe6afb8c48c15650ece",
+        ),
+        (
+            "C2_spots.tsv",
+            "data/ST-spotfiles/C2_selection.tsv",
+            "235b5f4306b3b57c628ffc82c98c7109602474fbcc79a917b9c50517f99b6b1c",
+        ),
     ],
     "C3": [
-        ("C3_HE.jpg", "data/ST-imgs/C/C3/5714_HE_BT_D1.jpg", "0005a92674014d473040a28f0afca89ce5fa5c44019b479b638ceb3272ceb568"),
-        ("C3_counts.tsv.gz", "data/ST-cnts/C3.tsv.gz", "e00c55a3eb9caac5d9c71b8906aae8be8b38f93e23938f4a0ebee17683ef6a2a"),
-        ("C3_expression_clusters.tsv.gz", "res/ST-cluster/lbl/C3-cluster-annotation.tsv.gz", "a1522a14855bc2022ccbb9ea9cbae59837cbcd310bc4c02727ae6bfa37e6d369"),
-        ("C3_spots.tsv", "data/ST-spotfiles/C3_selection.tsv", "7fd76c13370b7804ac3bb377b846d22485cf9223f9dd8dfc25be06e5aaf65755"),
+        (
+            "C3_HE.jpg",
+            "data/ST-imgs/C/C3/5714_HE_BT_D1.jpg",
+            "0005a92674014d473040a28f0afca89ce5fa5c44019b479b638ceb3272ceb568",
+        ),
+        (
+            "C3_counts.tsv.gz",
+            "data/ST-cnts/C3.tsv.gz",
+            "e00c55a3eb9caac5d9c71b8906aae8be8b38f93e23938f4a0ebee17683ef6a2a",
+        ),
+        (
+            "C3_expression_clusters.tsv.gz",
+            "res/ST-cluster/lbl/C3-cluster-annotation.tsv.gz",
+            "a1522a14855bc2022ccbb9ea9cbae59837cbcd310bc4c02727ae6bfa37e6d369",
+        ),
+        (
+            "C3_spots.tsv",
+            "data/ST-spotfiles/C3_selection.tsv",
+            "7fd76c13370b7804ac3bb377b846d22485cf9223f9dd8dfc25be06e5aaf65755",
+        ),
     ],
     "C4": [
-        ("C4_HE.jpg", "data/ST-imgs/C/C4/5714_HE_BT_D2.jpg", "f40607eb1d5f0d125decd71c48b0c5d29cf6776ad92297fd185631208c82d6f2"),
-        ("C4_counts.tsv.gz", "data/ST-cnts/C4.tsv.gz", "33201f76d41d7131dc600a0f87d9a70383af3503e81698b4d11e6f2e8d73e9da"),
-        ("C4_expression_clusters.tsv.gz", "res/ST-cluster/lbl/C4-cluster-annotation.tsv.gz", "a5cc7a3a40983a21ea8400145c80a7dc5b13e7468b987ec0610f4c2123978c71"),
-        ("C4_spots.tsv", "data/ST-spotfiles/C4_selection.tsv", "47e79f3b9dbfa3a8c18af9e948ba7ba4bf0a75ea1b4c292bc714ced7d0917d4c"),
+        (
+            "C4_HE.jpg",
+            "data/ST-imgs/C/C4/5714_HE_BT_D2.jpg",
+            "f40607eb1d5f0d125decd71c48b0c5d29cf6776ad92297fd185631208c82d6f2",
+        ),
+        (
+            "C4_counts.tsv.gz",
+            "data/ST-cnts/C4.tsv.gz",
+            "33201f76d41d7131dc600a0f87d9a70383af3503e81698b4d11e6f2e8d73e9da",
+        ),
+        (
+            "C4_expression_clusters.tsv.gz",
+            "res/ST-cluster/lbl/C4-cluster-annotation.tsv.gz",
+            "a5cc7a3a40983a21ea8400145c80a7dc5b13e7468b987ec0610f4c2123978c71",
+        ),
+        (
+            "C4_spots.tsv",
+            "data/ST-spotfiles/C4_selection.tsv",
+            "47e79f3b9dbfa3a8c18af9e948ba7ba4bf0a75ea1b4c292bc714ced7d0917d4c",
+        ),
     ],
     "C5": [
-        ("C5_HE.jpg", "data/ST-imgs/C/C5/5714_HE_BT_E1.jpg", "34028ea41e376396b50c42b0a11a7e689c85be4a8022e668d0a09cc128c04c65"),
-        ("C5_counts.tsv.gz", "data/ST-cnts/C5.tsv.gz", "c0f310315ca6110d74dbdf7011e5b42432ba0b8eb5f001824764911988f39338"),
-        ("C5_expression_clusters.tsv.gz", "res/ST-cluster/lbl/C5-cluster-annotation.tsv.gz", "5929e9183e09717891fce94a71ec94551a86d5267ebb085067ac1d71894bc4ea"),
-        ("C5_spots.tsv", "data/ST-spotfiles/C5_selection.tsv", "2114cc3b4da759772112897f1e247d5443c9f8c808e6a9a952eb4fda379a194c"),
+        (
+            "C5_HE.jpg",
+            "data/ST-imgs/C/C5/5714_HE_BT_E1.jpg",
+            "34028ea41e376396b50c42b0a11a7e689c85be4a8022e668d0a09cc128c04c65",
+        ),
+        (
+            "C5_counts.tsv.gz",
+            "data/ST-cnts/C5.tsv.gz",
+            "c0f310315ca6110d74dbdf7011e5b42432ba0b8eb5f001824764911988f39338",
+        ),
+        (
+            "C5_expression_clusters.tsv.gz",
+            "res/ST-cluster/lbl/C5-cluster-annotation.tsv.gz",
+            "5929e9183e09717891fce94a71ec94551a86d5267ebb085067ac1d71894bc4ea",
+        ),
+        (
+            "C5_spots.tsv",
+            "data/ST-spotfiles/C5_selection.tsv",
+            "2114cc3b4da759772112897f1e247d5443c9f8c808e6a9a952eb4fda379a194c",
+        ),
     ],
     "C6": [
-        ("C6_HE.jpg", "data/ST-imgs/C/C6/5714_HE_BT_E2.jpg", "dddd87232589648861a9b6776dc1749be8306213f6589aeef0e805fb2b1ee263"),
-        ("C6_counts.tsv.gz", "data/ST-cnts/C6.tsv.gz", "60478b0d2411501866685f41312c65c6591e499d64d5b719be8ee9bab25c9bc8"),
-        ("C6_expression_clusters.tsv.gz", "res/ST-cluster/lbl/C6-cluster-annotation.tsv.gz", "bc1234a7a05073a65017f7c0c101547ae2d3c9aa37b895a27dafd9c33842f9d2"),
-        ("C6_spots.tsv", "data/ST-spotfiles/C6_selection.tsv", "efdbbc6759c6af43baa966505c31705f09c087c1dccf1ea3e0d1db7b55717117"),
+        (
+            "C6_HE.jpg",
+            "data/ST-imgs/C/C6/5714_HE_BT_E2.jpg",
+            "dddd87232589648861a9b6776dc1749be8306213f6589aeef0e805fb2b1ee263",
+        ),
+        (
+            "C6_counts.tsv.gz",
+            "data/ST-cnts/C6.tsv.gz",
+            "60478b0d2411501866685f41312c65c6591e499d64d5b719be8ee9bab25c9bc8",
+        ),
+        (
+            "C6_expression_clusters.tsv.gz",
+            "res/ST-cluster/lbl/C6-cluster-annotation.tsv.gz",
+            "bc1234a7a05073a65017f7c0c101547ae2d3c9aa37b895a27dafd9c33842f9d2",
+        ),
+        (
+            "C6_spots.tsv",
+            "data/ST-spotfiles/C6_selection.tsv",
+            "efdbbc6759c6af43baa966505c31705f09c087c1dccf1ea3e0d1db7b55717117",
+        ),
     ],
 }
-_ANNOTATION = ("cluster_annotation_motivation.csv", "res/ST-cluster/motivation.csv", "b7701748b5de40e63771f032a864b5812f9b2aa638459db2257af4ac519f8234")
+_ANNOTATION = (
+    "cluster_annotation_motivation.csv",
+    "res/ST-cluster/motivation.csv",
+    "b7701748b5de40e63771f032a864b5812f9b2aa638459db2257af4ac519f8234",
+)
 
 
 def _has_sections(folder: Path, sections: Sequence[str]) -> bool:
@@ -98,7 +198,7 @@ def her2st_path(sections: Sequence[str] = SECTIONS, *, path: str | Path | None =
         raise FileNotFoundError(f"her2st files not found in {str(folder)!r} and download=False.")
     try:
         _download(folder, sections)
-    except Exception as err:  # noqa: BLE001 - any network or checksum failure gets the same advice
+    except Exception as err:
         raise RuntimeError(
             f"Could not download the her2st data ({err}). Pass `path=` to a local copy or set ${DATA_DIR_ENV} to a "
             f"folder containing 'her2st/'."
@@ -139,7 +239,7 @@ def her2st(sections: Sequence[str] | None = None, *, path: str | Path | None = N
     >>> sorted(sdata.tables["table"].obs["sample"].unique())
     ['C5', 'C6']
     """
-    from ..io import concatenate, read_st
+    from st_from_he.io import concatenate, read_st
 
     sections = list(SECTIONS if sections is None else sections)
     unknown = sorted(set(sections) - set(SECTIONS))
@@ -150,8 +250,9 @@ def her2st(sections: Sequence[str] | None = None, *, path: str | Path | None = N
     folder = her2st_path(sections, path=path, download=download)
     parts = []
     for s in sections:
-        sdata = read_st(folder / s / f"{s}_counts.tsv.gz", folder / s / f"{s}_spots.tsv", folder / s / f"{s}_HE.jpg",
-                        sample_id=s)
+        sdata = read_st(
+            folder / s / f"{s}_counts.tsv.gz", folder / s / f"{s}_spots.tsv", folder / s / f"{s}_HE.jpg", sample_id=s
+        )
         _add_clusters(sdata, folder, s)
         parts.append(sdata)
     return concatenate(parts)
@@ -177,8 +278,11 @@ def _add_clusters(sdata, folder: Path, sample: str) -> None:
 
 
 def _cluster_names(path: Path, patient: str) -> dict[int, str]:
-    """Cluster -> annotation of one patient. The file's free-text fields hold unquoted commas, so it is not valid
-    CSV: the annotation is what lies between the cluster number and the 'Marker genes' motivation."""
+    """Cluster -> annotation of one patient.
+
+    The file's free-text fields hold unquoted commas, so it is not valid CSV: the annotation is what lies between the
+    cluster number and the 'Marker genes' motivation.
+    """
     import re
 
     names = {}

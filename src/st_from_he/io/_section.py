@@ -6,8 +6,19 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._sdata import INSTANCE_KEY, REGION_KEY, SAMPLE_KEY, SPATIAL_KEY, TABLE_KEY, image_key, micrometre_transform, spots_key
-from .._validate import check_raw_counts, check_spots_in_image
+from st_from_he._sdata import (
+    INSTANCE_KEY,
+    REGION_KEY,
+    SAMPLE_KEY,
+    SPATIAL_KEY,
+    TABLE_KEY,
+    UNS_KEY,
+    image_key,
+    micrometre_transform,
+    spots_key,
+)
+from st_from_he._validate import check_raw_counts, check_spots_in_image, is_raw_counts
+
 from ._image import image_element
 
 
@@ -40,25 +51,43 @@ def build_section(
 ):
     """One section as a :class:`~spatialdata.SpatialData`: image, circles and a table of raw counts.
 
-    Give either ``counts`` (spots x genes DataFrame) or ``x`` with ``var``. ``obs`` rows match the spots.
+    Give either ``counts`` (spots x genes DataFrame) or ``x`` with ``var``. ``obs`` rows match the spots, and so do
+    the rows of ``spatial_px`` (x = column, y = row, in pixels of ``levels[0]``). ``x`` is copied, never shared.
+
+    With ``require_counts=True`` (readers of raw data) ``x`` must hold raw counts. With ``require_counts=False``
+    (:func:`~st_from_he.io.attach_histology`, whose users may hold normalised data) ``x`` is kept as given and
+    ``table.uns["st_from_he"]["raw_counts"]`` records whether it holds raw counts, so that training can refuse it with
+    a clear message (:func:`st_from_he._validate.check_table_raw_counts`).
     """
     import anndata as ad
     from spatialdata import SpatialData
     from spatialdata.models import TableModel
 
     if not np.isfinite(pixel_size_um) or pixel_size_um <= 0:
-        raise ValueError(f"Sample {sample!r}: pixel size must be a positive number of micrometres, got {pixel_size_um}.")
+        raise ValueError(
+            f"Sample {sample!r}: pixel size must be a positive number of micrometres, got {pixel_size_um}."
+        )
     _, height, width = levels[0].shape
     check_spots_in_image(spatial_px, height, width, sample=sample)
     if counts is not None:
         x = counts.to_numpy()
         var = pd.DataFrame(index=counts.columns.astype(str))
+    if x is None or var is None:
+        raise TypeError("Give either `counts` or both `x` and `var`.")
+    if x.shape != (len(obs), len(var)):
+        raise ValueError(
+            f"Sample {sample!r}: the expression matrix has shape {x.shape}, but there are {len(obs)} spots and "
+            f"{len(var)} genes."
+        )
+    if len(spatial_px) != len(obs):
+        raise ValueError(f"Sample {sample!r}: {len(spatial_px)} spot centres for {len(obs)} expression rows.")
     if require_counts:
         check_raw_counts(x, where=f"Counts of sample {sample!r}")
-    x = sparse.csr_matrix(x)
-    if np.issubdtype(x.dtype, np.floating) and require_counts:
-        x = x.astype(np.int32)
-    elif np.issubdtype(x.dtype, np.integer):
+        raw = True
+    else:
+        raw = is_raw_counts(x)
+    x = sparse.csr_matrix(x, copy=True)
+    if raw and (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         x = x.astype(np.int32)
 
     region = spots_key(sample)
@@ -73,6 +102,7 @@ def build_section(
     if not table.var_names.is_unique:
         table.var_names_make_unique()
     table = TableModel.parse(table, region=region, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    table.uns[UNS_KEY] = {"raw_counts": bool(raw)}
 
     radius_px = spot_diameter_um / 2 / pixel_size_um
     return SpatialData(
@@ -82,16 +112,57 @@ def build_section(
     )
 
 
-def concatenate(sdatas: list, *, join: str = "inner"):
-    """Several sections in one :class:`~spatialdata.SpatialData`; tables joined on genes (``"inner"``: shared only).
+def concatenate(sdatas, *, join: str = "inner"):
+    """Put several sections into one :class:`~spatialdata.SpatialData`.
 
-    Raises on duplicate sample ids.
+    Images and circles keep their keys (``f"{sample}_image"``, ``f"{sample}_spots"``), each in its own micrometre
+    coordinate system; the tables ``"table"`` are stacked into one whose ``obs["sample"]`` tells the sections apart.
+
+    Parameters
+    ----------
+    sdatas
+        Sections as returned by the :mod:`st_from_he.io` readers, :func:`st_from_he.datasets.her2st` or
+        :func:`~st_from_he.io.attach_histology`; each may itself hold several sections.
+    join
+        ``"inner"`` keeps the genes measured in every section (logged when genes are dropped); ``"outer"`` keeps all,
+        filling missing genes with 0.
+
+    Returns
+    -------
+    One :class:`~spatialdata.SpatialData`. ``table.uns["st_from_he"]["raw_counts"]`` is ``False`` if any section's
+    ``X`` does not hold raw counts.
+
+    Raises
+    ------
+    ValueError
+        If a sample id occurs in more than one input (give every section a unique ``sample_id``).
+
+    Examples
+    --------
+    >>> import st_from_he as sth
+    >>> d = "../shared/data/her2st"
+    >>> parts = [sth.io.read_st(f"{d}/{s}/{s}_counts.tsv.gz", f"{d}/{s}/{s}_spots.tsv", f"{d}/{s}/{s}_HE.jpg",
+    ...                         sample_id=s) for s in ("C5", "C6")]
+    >>> sdata = sth.io.concatenate(parts)
+    >>> sorted(sdata.tables["table"].obs["sample"].unique())
+    ['C5', 'C6']
     """
     import spatialdata as sd
+    from spatialdata import SpatialData
 
-    from .._logging import logger
-    from .._sdata import samples
+    from st_from_he._logging import logger
+    from st_from_he._sdata import samples
 
+    if isinstance(sdatas, SpatialData):
+        sdatas = [sdatas]
+    sdatas = list(sdatas)
+    if not sdatas:
+        raise ValueError("Nothing to concatenate: pass at least one SpatialData.")
+    for s in sdatas:
+        if not isinstance(s, SpatialData):
+            raise TypeError(f"Expected SpatialData objects, got {type(s).__name__}.")
+    if join not in ("inner", "outer"):
+        raise ValueError(f"`join` must be 'inner' or 'outer', got {join!r}.")
     seen: list[str] = []
     for s in sdatas:
         for sample in samples(s):
@@ -100,11 +171,54 @@ def concatenate(sdatas: list, *, join: str = "inner"):
             seen.append(sample)
     if len(sdatas) == 1:
         return sdatas[0]
-    n_genes = [s.tables[TABLE_KEY].n_vars for s in sdatas if TABLE_KEY in s.tables]
-    merged = sd.concatenate(sdatas, concatenate_tables=True, join=join)
+    sdatas = _prefix_colliding_obs_names(sdatas)
+    tables = [s.tables[TABLE_KEY] for s in sdatas if TABLE_KEY in s.tables]
+    n_genes = [t.n_vars for t in tables]
+    raw = all(_holds_raw_counts(t) for t in tables)
+    merged = sd.concatenate(sdatas, concatenate_tables=True, join=join, merge="same")
+    if TABLE_KEY in merged.tables:
+        merged.tables[TABLE_KEY].uns[UNS_KEY] = {"raw_counts": bool(raw)}
     if TABLE_KEY in merged.tables and join == "inner" and n_genes and merged.tables[TABLE_KEY].n_vars < max(n_genes):
         logger.info(
             "Kept the %d genes measured in all %d sections (sections had %d-%d genes).",
-            merged.tables[TABLE_KEY].n_vars, len(sdatas), min(n_genes), max(n_genes),
+            merged.tables[TABLE_KEY].n_vars,
+            len(sdatas),
+            min(n_genes),
+            max(n_genes),
         )
     return merged
+
+
+def _holds_raw_counts(table) -> bool:
+    flag = table.uns.get(UNS_KEY, {}).get("raw_counts")
+    return bool(flag) if flag is not None else is_raw_counts(table.X)
+
+
+def _prefix_colliding_obs_names(sdatas: list) -> list:
+    """If spot names repeat across sections, name every spot ``f"{sample}_{name}"`` (inputs are not modified)."""
+    from spatialdata import SpatialData
+
+    from st_from_he._logging import logger
+
+    names = [s.tables[TABLE_KEY].obs_names for s in sdatas if TABLE_KEY in s.tables]
+    if not names or sum(len(n) for n in names) == len(pd.Index([]).append(names).unique()):
+        return sdatas
+    logger.info("Spot names repeat across sections; they are prefixed with the sample id (e.g. 'C6_AAAC...').")
+    out = []
+    for s in sdatas:
+        if TABLE_KEY not in s.tables:
+            out.append(s)
+            continue
+        table = s.tables[TABLE_KEY].copy()
+        table.obs_names = table.obs[SAMPLE_KEY].astype(str).to_numpy() + "_" + table.obs_names.to_numpy().astype(str)
+        out.append(
+            SpatialData(
+                images=dict(s.images),
+                labels=dict(s.labels),
+                points=dict(s.points),
+                shapes=dict(s.shapes),
+                tables={**s.tables, TABLE_KEY: table},
+                attrs=dict(s.attrs),
+            )
+        )
+    return out

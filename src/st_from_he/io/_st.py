@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from .._logging import logger
+from st_from_he._logging import logger
+
 from ._image import log_pixel_size, read_image_levels
 from ._resolution import SPOT_DIAMETER_UM, infer_pixel_size
 from ._section import build_section
@@ -55,7 +55,7 @@ def read_st(
     >>> d = "../shared/data/her2st/C6"
     >>> sdata = sth.io.read_st(f"{d}/C6_counts.tsv.gz", f"{d}/C6_spots.tsv", f"{d}/C6_HE.jpg", sample_id="C6")
     >>> sdata.tables["table"].n_obs
-    179
+    178
     """
     for label, path in (("counts", counts), ("spots", spots), ("image", image)):
         if not Path(path).is_file():
@@ -74,11 +74,19 @@ def read_st(
             f"'10x15' (array x 'x' array y), e.g. {list(count_table.index[:3])} vs {list(spot_table.index[:3])}."
         )
     if len(no_counts):
-        logger.info("%s: %d selected spot(s) have no count row and are dropped: %s", sample_id, len(no_counts),
-                    ", ".join(no_counts[:10]))
+        logger.info(
+            "%s: %d selected spot(s) have no count row and are dropped: %s",
+            sample_id,
+            len(no_counts),
+            ", ".join(no_counts[:10]),
+        )
     if len(no_spot):
-        logger.info("%s: %d count row(s) have no selected spot and are dropped: %s", sample_id, len(no_spot),
-                    ", ".join(no_spot[:10]))
+        logger.info(
+            "%s: %d count row(s) have no selected spot and are dropped: %s",
+            sample_id,
+            len(no_spot),
+            ", ".join(no_spot[:10]),
+        )
     spot_table = spot_table.loc[shared]
     count_table = count_table.loc[shared]
     spatial = spot_table[["pixel_x", "pixel_y"]].to_numpy(dtype=float)
@@ -115,5 +123,7 @@ def _read_spot_file(path: str | Path) -> pd.DataFrame:
         spots = spots[spots["selected"] == 1]
     spots.index = spots["x"].astype(int).astype(str) + "x" + spots["y"].astype(int).astype(str)
     if spots.index.duplicated().any():
-        raise ValueError(f"Spot file {str(path)!r} lists array position(s) twice: {list(spots.index[spots.index.duplicated()][:5])}.")
+        raise ValueError(
+            f"Spot file {str(path)!r} lists array position(s) twice: {list(spots.index[spots.index.duplicated()][:5])}."
+        )
     return spots

@@ -1,0 +1,34 @@
+"""Torch modules of the expression model: encoders, heads, fusion, spatial context, losses and the Lightning module.
+
+This subpackage knows tensors only; :mod:`st_from_he.tl` translates between SpatialData and these tensors.
+"""
+
+from ._augment import BatchAugment
+from ._config import ModelConfig
+from ._context import MultiScaleFusion, NeighbourAttention
+from ._encoders import ImageEncoder, TinyCNN, load_encoder_weights
+from ._fusion import MaskedCrossModalFusion
+from ._heads import GeneEncoder, ProjectionHead, RegressionHead, SNNGeneTokens
+from ._losses import combine_losses, reconstruction_loss, soft_contrastive_loss
+from ._module import ExpressionModule
+from ._retrieval import retrieve
+
+__all__ = [
+    "BatchAugment",
+    "ExpressionModule",
+    "GeneEncoder",
+    "ImageEncoder",
+    "MaskedCrossModalFusion",
+    "ModelConfig",
+    "MultiScaleFusion",
+    "NeighbourAttention",
+    "ProjectionHead",
+    "RegressionHead",
+    "SNNGeneTokens",
+    "TinyCNN",
+    "combine_losses",
+    "load_encoder_weights",
+    "reconstruction_loss",
+    "retrieve",
+    "soft_contrastive_loss",
+]

@@ -1,0 +1,174 @@
+"""Hyperparameters of the expression model, with the reference (CMRCNet-style) values as defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+_TUPLE_FIELDS = ("context_scales", "image_mean", "image_std")
+
+
+@dataclass
+class ModelConfig:
+    """Every hyperparameter of :class:`~st_from_he.models.ExpressionModule`.
+
+    Defaults reproduce the reference method (contrastive soft-target loss plus cross-modal masked reconstruction,
+    retrieval of the top 50 training spots); the extensions (multi-scale context, neighbour attention, regression
+    head, colour/stain/scale augmentation) are off. :meth:`to_dict` and :meth:`from_dict` round-trip the config
+    through JSON.
+
+    Attributes
+    ----------
+    encoder
+        Image encoder: any :func:`timm.create_model` name (e.g. ``"vit_small_patch16_224"``, ``"resnet18"``,
+        ``"convnext_tiny"``) or the built-in CPU-friendly ``"sth_tinycnn"``. The reference uses a ViT.
+    encoder_weights
+        ``None`` (random initialisation), a local ``.safetensors``/``.pth``/``.pt``/``.bin`` file, or a hub id
+        (``"hf-hub:org/repo"`` or ``"timm/<name>.<tag>"``; needs a network connection).
+    encoder_kwargs
+        Extra keyword arguments for :func:`timm.create_model`, e.g. ``{"init_values": 1e-5}`` for some pathology
+        foundation models.
+    img_size
+        Side of the square patch in pixels fed to the encoder (reference 224).
+    patch_um
+        Physical side of the spot patch in micrometres (reference 112 um = 224 px at 0.5 um/px). Used by
+        :mod:`st_from_he.tl` to cut patches; the modules only see pixels.
+    context_scales
+        Patch sides relative to ``patch_um``, one entry per scale; the first is the spot patch. ``(1.0,)`` is the
+        reference single-scale input; e.g. ``(1.0, 3.0)`` adds a 3x wider context patch resampled to ``img_size``,
+        fused by :class:`~st_from_he.models.MultiScaleFusion`.
+    image_mean
+        Per-channel mean used to normalise RGB images in ``[0, 1]``; augmentations undo it to jitter colours.
+    image_std
+        Per-channel standard deviation used with ``image_mean``.
+    proj_dim
+        Dimension of the shared image/expression embedding space (reference 256).
+    proj_dropout
+        Dropout inside the projection heads (reference 0.1).
+    tau
+        Temperature of the soft-target contrastive loss (reference 1.0).
+    contrastive
+        Train with the soft-target contrastive loss and the expression encoder (reference ``True``); needed for
+        retrieval.
+    use_reconstruction
+        Add the cross-modal masked reconstruction loss during training (reference ``True``).
+    n_gene_tokens
+        Number of gene tokens the self-normalising network makes from the expression vector (reference 8).
+    snn_dropout
+        Alpha-dropout rate of the self-normalising network (reference 0.25).
+    mask_ratio
+        Fraction of image-token entries zeroed at random during training (reference 0.5).
+    n_fusion_blocks
+        Transformer fusion blocks after the image-to-gene cross-attention (reference 2).
+    n_heads
+        Attention heads in the fusion and neighbour attention (reference 8).
+    fusion_dropout
+        Dropout inside the attention blocks.
+    neighbour_attention
+        Let each spot's image embedding attend over its neighbours' embeddings (extension, default off).
+    neighbour_radius_um
+        Radius in micrometres within which :mod:`st_from_he.tl` collects neighbours.
+    max_neighbours
+        Most neighbours per spot given to the neighbour attention.
+    regression_head
+        Add a direct regression head on the image embedding trained with MSE (extension, default off).
+    regression_hidden
+        Hidden width of the regression head; ``None`` makes it linear.
+    regression_weight
+        Weight of ``log(1 + L_regression)`` in the total loss.
+    top_k
+        Number of nearest training spots averaged by retrieval (reference 50).
+    lr
+        AdamW learning rate (reference 1e-4).
+    weight_decay
+        AdamW weight decay (reference 1e-3).
+    warmup_steps
+        Linear warm-up steps before the cosine schedule (reference 0).
+    batch_size
+        Training batch size (reference 64); also the contrastive loss's number of negatives.
+    max_epochs
+        Default number of training epochs; the cosine schedule spans the whole run.
+    augment_flips
+        Random horizontal and vertical flips in training (reference ``True``).
+    augment_rot90
+        Random 90-degree rotations in training (reference ``True``).
+    augment_color
+        Strength of brightness/contrast/saturation jitter, ``0`` off (e.g. ``0.1`` = up to +-10%).
+    augment_stain
+        Strength of haematoxylin-eosin-DAB stain jitter, ``0`` off (e.g. ``0.05``).
+    augment_rescale
+        Random zoom by a factor in ``[1 / (1 + r), 1 + r]`` to mimic other scanner resolutions, ``0`` off.
+    """
+
+    encoder: str = "vit_small_patch16_224"
+    encoder_weights: str | None = None
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    img_size: int = 224
+    patch_um: float = 112.0
+    context_scales: tuple[float, ...] = (1.0,)
+    image_mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    image_std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    proj_dim: int = 256
+    proj_dropout: float = 0.1
+    tau: float = 1.0
+    contrastive: bool = True
+    use_reconstruction: bool = True
+    n_gene_tokens: int = 8
+    snn_dropout: float = 0.25
+    mask_ratio: float = 0.5
+    n_fusion_blocks: int = 2
+    n_heads: int = 8
+    fusion_dropout: float = 0.1
+    neighbour_attention: bool = False
+    neighbour_radius_um: float = 150.0
+    max_neighbours: int = 8
+    regression_head: bool = False
+    regression_hidden: int | None = None
+    regression_weight: float = 1.0
+    top_k: int = 50
+    lr: float = 1e-4
+    weight_decay: float = 1e-3
+    warmup_steps: int = 0
+    batch_size: int = 64
+    max_epochs: int = 30
+    augment_flips: bool = True
+    augment_rot90: bool = True
+    augment_color: float = 0.0
+    augment_stain: float = 0.0
+    augment_rescale: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in _TUPLE_FIELDS:
+            setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        if not self.context_scales or min(self.context_scales) <= 0:
+            raise ValueError(f"`context_scales` must be positive and non-empty, got {self.context_scales}.")
+        if self.proj_dim % self.n_heads:
+            raise ValueError(f"`proj_dim` ({self.proj_dim}) must be divisible by `n_heads` ({self.n_heads}).")
+        if not 0 <= self.mask_ratio < 1:
+            raise ValueError(f"`mask_ratio` must be in [0, 1), got {self.mask_ratio}.")
+        if not (self.contrastive or self.regression_head):
+            raise ValueError(
+                "Enable `contrastive` (retrieval) or `regression_head`: the model needs a prediction route."
+            )
+
+    @property
+    def snn_hidden(self) -> int:
+        """Width of the self-normalising network's output, ``n_gene_tokens * proj_dim`` (reference 2048)."""
+        return self.n_gene_tokens * self.proj_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the config as a JSON-serialisable dict (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        for name in _TUPLE_FIELDS:
+            out[name] = list(out[name])
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Build a config from :meth:`to_dict` output; unknown keys raise a :class:`ValueError`."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig fields: {unknown}.")
+        return cls(**values)

@@ -1,0 +1,205 @@
+"""Image encoders: any timm backbone, or the built-in tiny CNN, returning a sequence of tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from st_from_he._logging import logger
+
+_HUB_PREFIXES = ("hf-hub:", "timm/")
+_WRAPPER_KEYS = ("state_dict", "model")
+_KEY_PREFIXES = ("module.", "model.")
+
+
+class TinyCNN(nn.Module):
+    """Four stride-2 conv-bn-relu stages (about 0.3M parameters) for fast training on a CPU.
+
+    Registered as the encoder name ``"sth_tinycnn"``. The feature map is 1/16 of the input side, like a
+    ViT with 16 px patches.
+
+    Parameters
+    ----------
+    widths
+        Output channels of each stage; the last is :attr:`num_features`.
+    """
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 192)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        in_ch = 3
+        for out_ch in widths:
+            layers += [nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU()]
+            in_ch = out_ch
+        self.features = nn.Sequential(*layers)
+        self.num_features = in_ch
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Map images ``(B, 3, H, W)`` to a feature map ``(B, C, H / 16, W / 16)``."""
+        return self.features(x)
+
+
+_BUILTIN_ENCODERS = {"sth_tinycnn": TinyCNN}
+
+
+def _hub_id(weights: str | Path | None) -> str | None:
+    if isinstance(weights, str) and weights.startswith(_HUB_PREFIXES):
+        return weights.removeprefix("hf-hub:")
+    return None
+
+
+def _create_timm(name: str, img_size: int | None, hub_id: str | None, kwargs: dict) -> nn.Module:
+    if not timm.is_model(name):
+        raise ValueError(
+            f"Unknown encoder {name!r}: use a timm model name (see `timm.list_models()`) or 'sth_tinycnn'."
+        )
+    # The classifier is never used (we read `forward_features`), so drop its parameters.
+    kwargs = {"num_classes": 0, **kwargs}
+    if hub_id is not None:
+        kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"source": "hf-hub", "hf_hub_id": hub_id}}
+    try:
+        if img_size is not None:
+            try:
+                return timm.create_model(name, img_size=img_size, **kwargs)
+            except TypeError as err:
+                # CNNs accept any input size and have no `img_size` argument.
+                if "img_size" not in str(err):
+                    raise
+        return timm.create_model(name, **kwargs)
+    except OSError as err:
+        if hub_id is None:
+            raise
+        raise OSError(
+            f"Could not fetch encoder weights {hub_id!r} from the Hugging Face hub ({err}). Is this machine offline? "
+            "Download the weights file elsewhere and pass its local path as `weights`."
+        ) from err
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ValueError(f"Encoder weights file {str(path)!r} does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors, pickle and zip readers raise unrelated types on corrupt files
+        raise ValueError(f"Could not read encoder weights file {str(path)!r}: {err}") from err
+    while isinstance(state, Mapping) and any(isinstance(state.get(k), Mapping) for k in _WRAPPER_KEYS):
+        state = next(state[k] for k in _WRAPPER_KEYS if isinstance(state.get(k), Mapping))
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"Encoder weights file {str(path)!r} does not hold a state dict of tensors.")
+    return dict(state)
+
+
+def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local ``.safetensors`` or ``.pth``/``.pt``/``.bin`` state dict into ``model`` (non-strict).
+
+    A ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper and ``"module."``/``"model."`` key prefixes are
+    removed; classifier weights and other extra keys are skipped; a ViT position embedding of another grid size
+    is resampled. Missing or skipped keys are logged.
+
+    Parameters
+    ----------
+    model
+        The timm (or built-in) model to fill.
+    path
+        The weights file.
+
+    Raises
+    ------
+    ValueError
+        If the file is missing or unreadable, or none of its tensors matches a parameter of ``model``.
+    """
+    path = Path(path)
+    state = _read_state_dict(path)
+    target = model.state_dict()
+    matched: dict[str, torch.Tensor] = {}
+    mismatched: list[str] = []
+    for key, value in state.items():
+        while key not in target and key.startswith(_KEY_PREFIXES):
+            key = key.split(".", 1)[1]
+        if key not in target:
+            continue
+        if value.shape != target[key].shape and key.endswith("pos_embed") and value.ndim == 3:
+            prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 0)
+            value = resample_abs_pos_embed(value, list(model.patch_embed.grid_size), num_prefix_tokens=prefix)
+        if value.shape != target[key].shape:
+            mismatched.append(key)
+            continue
+        matched[key] = value
+    if not matched:
+        raise ValueError(
+            f"No tensor in encoder weights file {str(path)!r} matches a parameter of the encoder "
+            f"(file keys start {list(state)[:3]}, encoder keys start {list(target)[:3]})."
+        )
+    model.load_state_dict(matched, strict=False)
+    missing = sorted(set(target) - set(matched))
+    logger.info("Loaded %d of %d encoder tensors from %s.", len(matched), len(target), path)
+    if missing:
+        logger.warning("Encoder tensors not in %s (left at random init): %s", path.name, missing[:10])
+    if mismatched:
+        logger.warning("Encoder tensors skipped for a shape mismatch: %s", mismatched[:10])
+
+
+class ImageEncoder(nn.Module):
+    """Image backbone returning tokens, built from a timm model name or ``"sth_tinycnn"``.
+
+    The backbone is randomly initialised (timm's ``pretrained=False``) unless ``weights`` is given; only a hub id
+    touches the network.
+
+    Parameters
+    ----------
+    name
+        A :func:`timm.create_model` name (e.g. ``"vit_small_patch16_224"``, ``"resnet18"``) or ``"sth_tinycnn"``.
+    weights
+        ``None``, a local ``.safetensors``/``.pth``/``.pt``/``.bin`` file (see :func:`load_encoder_weights`), or a
+        hub id ``"hf-hub:org/repo"`` / ``"timm/<model>.<tag>"`` whose weights fit the architecture ``name``.
+    img_size
+        Input side in pixels for models with a fixed input size (ViTs); ignored by CNNs.
+    **kwargs
+        Passed to :func:`timm.create_model`.
+
+    Attributes
+    ----------
+    num_features
+        Token dimension ``D``.
+    """
+
+    def __init__(self, name: str, *, weights: str | Path | None = None, img_size: int | None = None, **kwargs):
+        super().__init__()
+        self.name = name
+        hub_id = _hub_id(weights)
+        if name in _BUILTIN_ENCODERS:
+            if hub_id is not None or kwargs:
+                raise ValueError(f"The built-in encoder {name!r} takes neither hub weights nor timm arguments.")
+            self.model = _BUILTIN_ENCODERS[name]()
+        else:
+            self.model = _create_timm(name, img_size, hub_id, kwargs)
+        self.num_features: int = self.model.num_features
+        fmt = getattr(self.model, "output_fmt", "NCHW")
+        self._channels_last = getattr(fmt, "value", fmt) == "NHWC"
+        if weights is not None and hub_id is None:
+            load_encoder_weights(self.model, weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Encode normalised images ``(B, 3, H, W)`` into tokens ``(B, N, D)``.
+
+        Transformers return all their tokens (class token included); CNN feature maps are flattened to ``h * w``
+        tokens.
+        """
+        features = self.model.forward_features(x)
+        if features.ndim == 4:
+            features = features.flatten(1, 2) if self._channels_last else features.flatten(2).transpose(1, 2)
+        return features
+
+    @staticmethod
+    def pool(tokens: torch.Tensor) -> torch.Tensor:
+        """Mean token ``(B, D)`` of tokens ``(B, N, D)``."""
+        return tokens.mean(dim=1)

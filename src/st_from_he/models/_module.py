@@ -1,0 +1,213 @@
+"""The Lightning module that trains image and expression encoders together."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from ._augment import BatchAugment
+from ._config import ModelConfig
+from ._context import MultiScaleFusion, NeighbourAttention
+from ._encoders import ImageEncoder
+from ._fusion import MaskedCrossModalFusion
+from ._heads import GeneEncoder, ProjectionHead, RegressionHead, SNNGeneTokens
+from ._losses import combine_losses, reconstruction_loss, soft_contrastive_loss
+
+Batch = Mapping[str, torch.Tensor]
+
+
+class ExpressionModule(L.LightningModule):
+    """Image-to-expression model: contrastive image/expression encoders, masked reconstruction, optional heads.
+
+    Batches are dicts of tensors:
+
+    ``"image"``
+        Normalised spot patches ``(B, S, 3, H, W)``, one per context scale of ``config.context_scales`` (scale
+        0 = the spot patch); ``(B, 3, H, W)`` is read as ``S = 1``.
+    ``"expression"``
+        Targets ``(B, G)``, log1p(CP10k) expression of the model genes (training and validation only).
+    ``"neighbours"`` (optional, used when ``config.neighbour_attention``)
+        Neighbour patches ``(B, K, S, 3, H, W)``, padded to a common ``K``.
+    ``"neighbour_features"`` (optional alternative to ``"neighbours"``)
+        Precomputed neighbour features ``(B, K, D_img)`` from :meth:`encode_features`, e.g. for inference on a
+        whole slide where every spot is encoded once.
+    ``"neighbour_mask"`` (optional)
+        ``(B, K)`` boolean, ``True`` where a neighbour slot is padding.
+
+    Image features are the encoder's mean token per scale, fused over scales and projected to ``proj_dim``; the
+    neighbour attention then mixes in the projected neighbour features. The reconstruction target is the spot's
+    own projected embedding (before neighbour attention), gradient stopped (see
+    :func:`~st_from_he.models.reconstruction_loss`).
+
+    Parameters
+    ----------
+    config
+        Hyperparameters (or their :meth:`ModelConfig.to_dict`). ``config.encoder_weights`` is loaded at
+        construction; set it to ``None`` when restoring a saved state dict on a machine without that file.
+    n_genes
+        Number of model genes ``G``.
+    """
+
+    def __init__(self, config: ModelConfig | Mapping, n_genes: int):
+        super().__init__()
+        if isinstance(config, Mapping):
+            config = ModelConfig.from_dict(dict(config))
+        self.config, self.n_genes = config, n_genes
+        self.save_hyperparameters({"config": config.to_dict(), "n_genes": n_genes})
+        c = config
+        self.encoder = ImageEncoder(c.encoder, weights=c.encoder_weights, img_size=c.img_size, **c.encoder_kwargs)
+        img_dim = self.encoder.num_features
+        self.scale_fusion = MultiScaleFusion(img_dim, len(c.context_scales))
+        self.image_head = ProjectionHead(img_dim, c.proj_dim, c.proj_dropout)
+        self.gene_encoder = GeneEncoder(n_genes, c.proj_dim, c.proj_dropout) if c.contrastive else None
+        self.gene_tokens = self.fusion = None
+        if c.use_reconstruction:
+            self.gene_tokens = SNNGeneTokens(n_genes, c.n_gene_tokens, c.proj_dim, c.snn_dropout)
+            self.fusion = MaskedCrossModalFusion(
+                img_dim,
+                c.proj_dim,
+                n_heads=c.n_heads,
+                n_blocks=c.n_fusion_blocks,
+                mask_ratio=c.mask_ratio,
+                dropout=c.fusion_dropout,
+            )
+        self.neighbour_attention = (
+            NeighbourAttention(c.proj_dim, c.n_heads, c.fusion_dropout) if c.neighbour_attention else None
+        )
+        self.regression = (
+            RegressionHead(c.proj_dim, n_genes, c.regression_hidden, c.proj_dropout) if c.regression_head else None
+        )
+        self.augment = BatchAugment(
+            flips=c.augment_flips,
+            rot90=c.augment_rot90,
+            color=c.augment_color,
+            stain=c.augment_stain,
+            rescale=c.augment_rescale,
+            mean=c.image_mean,
+            std=c.image_std,
+        )
+
+    # -- embeddings ------------------------------------------------------------------------------------------------
+
+    def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # -> scale-fused features (B, D_img) and the tokens of all scales (B, S * N, D_img)
+        if images.ndim == 4:
+            images = images[:, None]
+        b, s = images.shape[:2]
+        tokens = self.encoder(images.flatten(0, 1))
+        features = self.scale_fusion(self.encoder.pool(tokens).view(b, s, -1))
+        return features, tokens.reshape(b, -1, tokens.shape[-1])
+
+    def encode_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Scale-fused encoder features ``(B, D_img)`` of images ``(B, S, 3, H, W)`` (before projection)."""
+        return self._encode(images)[0]
+
+    def _neighbour_features(self, batch: Batch) -> torch.Tensor | None:
+        if "neighbour_features" in batch:
+            return batch["neighbour_features"]
+        if "neighbours" not in batch:
+            return None
+        neighbours = batch["neighbours"]
+        b, k = neighbours.shape[:2]
+        if k == 0:
+            return neighbours.new_zeros(b, 0, self.encoder.num_features)
+        return self.encode_features(neighbours.flatten(0, 1)).view(b, k, -1)
+
+    def _embed(self, batch: Batch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        # -> final image embedding, image tokens, the spot's own embedding before neighbour attention
+        if isinstance(batch, torch.Tensor):
+            batch = {"image": batch}
+        features, tokens = self._encode(batch["image"])
+        spot_emb = self.image_head(features)
+        emb = spot_emb
+        if self.neighbour_attention is not None:
+            neighbours = self._neighbour_features(batch)
+            if neighbours is not None:
+                emb = self.neighbour_attention(spot_emb, self.image_head(neighbours), batch.get("neighbour_mask"))
+        return emb, tokens, spot_emb
+
+    def embed_images(self, batch: Batch | torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``(B, proj_dim)`` used for retrieval, from a batch dict or images ``(B, S, 3, H, W)``."""
+        return self._embed(batch)[0]
+
+    def embed_expression(self, expression: torch.Tensor) -> torch.Tensor:
+        """Expression embeddings ``(B, proj_dim)`` of expression ``(B, G)`` (the retrieval bank)."""
+        if self.gene_encoder is None:
+            raise RuntimeError("This model was trained without the contrastive objective and has no gene encoder.")
+        return self.gene_encoder(expression)
+
+    def predict_regression(self, batch: Batch | torch.Tensor) -> torch.Tensor:
+        """Expression ``(B, G)`` predicted by the regression head."""
+        if self.regression is None:
+            raise RuntimeError("This model has no regression head (`ModelConfig.regression_head=False`).")
+        return self.regression(self.embed_images(batch))
+
+    def forward(self, batch: Batch | torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``(B, proj_dim)``; same as :meth:`embed_images`."""
+        return self.embed_images(batch)
+
+    # -- training --------------------------------------------------------------------------------------------------
+
+    def compute_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Scalar losses of a batch.
+
+        Returns ``"contrastive"``, ``"reconstruction"`` and ``"regression"`` as configured, and their combination
+        ``"loss"`` (``sum w * log(1 + L)``).
+        """
+        c = self.config
+        emb, tokens, spot_emb = self._embed(batch)
+        expression = batch["expression"]
+        losses: dict[str, torch.Tensor] = {}
+        if self.gene_encoder is not None:
+            losses["contrastive"] = soft_contrastive_loss(emb, self.gene_encoder(expression), c.tau)
+        if self.fusion is not None:
+            reconstruction = self.fusion(tokens, self.gene_tokens(expression))
+            losses["reconstruction"] = reconstruction_loss(reconstruction, spot_emb)
+        if self.regression is not None:
+            losses["regression"] = F.mse_loss(self.regression(emb), expression)
+        losses["loss"] = combine_losses(losses, {"regression": c.regression_weight})
+        return losses
+
+    def _log_losses(self, losses: dict[str, torch.Tensor], prefix: str, batch_size: int) -> None:
+        for name, value in losses.items():
+            self.log(
+                f"{prefix}_{name}", value, on_step=False, on_epoch=True, prog_bar=name == "loss", batch_size=batch_size
+            )
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """Augment the images, compute the losses and log them as ``train_*`` per epoch."""
+        batch = dict(batch)
+        with torch.no_grad():
+            for key in ("image", "neighbours"):
+                if key in batch and batch[key].shape[1] > 0:
+                    batch[key] = self.augment(batch[key])
+        losses = self.compute_losses(batch)
+        self._log_losses(losses, "train", batch["expression"].shape[0])
+        return losses["loss"]
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """Compute the losses in eval mode (no masking, no dropout) and log them as ``val_*`` per epoch."""
+        losses = self.compute_losses(batch)
+        self._log_losses(losses, "val", batch["expression"].shape[0])
+        return losses["loss"]
+
+    def configure_optimizers(self):
+        """AdamW with linear warm-up then cosine decay to zero over the trainer's estimated steps."""
+        c = self.config
+        optimizer = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        total = self.trainer.estimated_stepping_batches
+
+        def lr_factor(step: int) -> float:
+            if step < c.warmup_steps:
+                return (step + 1) / c.warmup_steps
+            if not math.isfinite(total):  # unbounded run: no schedule to follow
+                return 1.0
+            progress = min(1.0, (step - c.warmup_steps) / max(1, total - c.warmup_steps))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,167 @@
+"""Per-epoch training and validation losses."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from ._utils import finish, new_figure, styled
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+_SPLITS = {"train": ("train_", "_train", "train/"), "val": ("val_", "valid_", "validation_", "_val", "val/")}
+_IGNORED = {"epoch", "step", "lr", "learning_rate", "time", "best_epoch"}
+
+
+def _history_frame(history) -> pd.DataFrame:
+    if hasattr(history, "history") and not isinstance(history, pd.DataFrame | Mapping):
+        history = history.history
+        if history is None:
+            raise ValueError("The model has no training history (fit it first, or it is a non-neural preset).")
+    if isinstance(history, Mapping):
+        history = pd.DataFrame(dict(history))
+    if not isinstance(history, pd.DataFrame):
+        raise TypeError(f"Expected a DataFrame, a dict of lists or a model with `.history`, got {type(history).__name__}.")
+    if history.empty:
+        raise ValueError("The training history is empty.")
+    df = history.copy()
+    if "epoch" not in df:
+        df["epoch"] = np.arange(len(df))
+    # Lightning logs train and validation metrics on separate rows of the same epoch: one row per epoch.
+    numeric = df.select_dtypes("number")
+    return numeric.groupby("epoch", sort=True).mean().reset_index()
+
+
+def _split(column: str) -> tuple[str, str] | None:
+    """``(split, loss name)`` of a column such as ``train_loss``, ``val_contrastive`` or ``loss_val``."""
+    for split, affixes in _SPLITS.items():
+        for affix in affixes:
+            if affix.endswith(("_", "/")) and column.startswith(affix):
+                return split, column[len(affix):]
+            if affix.startswith("_") and column.endswith(affix):
+                return split, column[: -len(affix)]
+    return None
+
+
+def _panels(df: pd.DataFrame, keys: Sequence[str] | None) -> dict[str, dict[str, str]]:
+    """``{loss name: {split: column}}``; columns without a split prefix count as training losses."""
+    panels: dict[str, dict[str, str]] = {}
+    columns = [c for c in df.columns if c not in _IGNORED] if keys is None else list(keys)
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise KeyError(f"No history column(s) {missing}; columns: {list(df.columns)}.")
+    split_columns = [c for c in columns if _split(c) is not None]
+    if keys is None and split_columns:
+        columns = split_columns  # default: the paired train/val columns (other numbers, e.g. lr, are left out)
+    for column in columns:
+        split, name = _split(column) or ("train", column)
+        panels.setdefault(name, {})[split] = column
+    # the total loss first
+    return dict(sorted(panels.items(), key=lambda item: (item[0] != "loss", list(panels).index(item[0]))))
+
+
+@styled
+def training_history(
+    history,
+    *,
+    keys: Sequence[str] | None = None,
+    log_y: bool = False,
+    mark_best: bool = True,
+    ncols: int = 3,
+    ax: Axes | None = None,
+    title: str | None = None,
+    return_fig: bool = False,
+    save: str | Path | None = None,
+) -> Figure | None:
+    """Training and validation losses per epoch, one panel per loss.
+
+    Columns named ``train_<loss>`` and ``val_<loss>`` (also ``<loss>_train``/``<loss>_val``) are paired in one
+    panel: training solid, validation dashed. By default every such pair is drawn (e.g. the total ``loss`` first, then
+    ``contrastive``, ``reconstruction``, ``regression``); the epoch of the lowest validation total loss (the weights
+    a model keeps) is marked.
+
+    Parameters
+    ----------
+    history
+        A :class:`~pandas.DataFrame` with a column ``epoch`` and loss columns (rows of the same epoch are averaged,
+        as lightning logs training and validation separately), a dict of lists, or a fitted model with a
+        ``.history`` attribute such as :class:`~st_from_he.tl.ExpressionModel`.
+    keys
+        Columns to draw; default all ``train_*``/``val_*`` columns (else all numeric columns but ``epoch``).
+    log_y
+        Logarithmic loss axis.
+    mark_best
+        Mark the epoch of the lowest validation loss.
+    ncols
+        Panels per row.
+    ax
+        Axes to draw into (only when there is one panel, e.g. with ``keys=["train_loss", "val_loss"]``).
+    title
+        Figure title; default ``"Training history"``.
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure`.
+    save
+        File to save the figure to.
+
+    Returns
+    -------
+    The figure if ``return_fig``, else ``None``.
+
+    Examples
+    --------
+    >>> import st_from_he as sth
+    >>> model.fit(train, max_epochs=30)  # doctest: +SKIP
+    >>> sth.pl.training_history(model)  # doctest: +SKIP
+    >>> sth.pl.training_history(model.history, keys=["train_loss", "val_loss"], log_y=True)  # doctest: +SKIP
+    """
+    df = _history_frame(history)
+    panels = _panels(df, keys)
+    if not panels:
+        raise ValueError(f"No loss column to draw among {list(df.columns)}.")
+    best = None
+    if mark_best:
+        val = panels.get("loss", {}).get("val") or next((p["val"] for p in panels.values() if "val" in p), None)
+        if val is not None and df[val].notna().any():
+            best = int(df.loc[df[val].idxmin(), "epoch"])
+    if ax is not None:
+        if len(panels) > 1:
+            raise ValueError(f"`ax` takes one panel, but there are {len(panels)} losses; choose one with `keys=`.")
+        fig, axes = ax.figure, np.array([[ax]])
+    else:
+        ncols = max(1, min(ncols, len(panels)))
+        nrows = int(np.ceil(len(panels) / ncols))
+        fig, axes = new_figure(nrows, ncols, panel_size=(3.2, 2.6))
+    colors = {"train": "#1f77b4", "val": "#d62728"}
+    for i, a in enumerate(axes.flat):
+        if i >= len(panels):
+            a.set_visible(False)
+            continue
+        name, columns = list(panels.items())[i]
+        for split in ("train", "val"):
+            if split not in columns:
+                continue
+            series = df[["epoch", columns[split]]].dropna()
+            a.plot(series["epoch"], series[columns[split]], color=colors[split], ls="-" if split == "train" else "--",
+                   marker="o" if len(series) <= 30 else None, markersize=2.5,
+                   label="training" if split == "train" else "validation")  # fmt: skip
+        if best is not None:
+            a.axvline(best, color="0.5", ls=":", lw=1, label=f"best epoch ({best})")
+        a.set_title(name.replace("_", " "))
+        a.set_xlabel("epoch")
+        a.set_ylabel("loss")
+        if log_y:
+            a.set_yscale("log")
+        a.xaxis.get_major_locator().set_params(integer=True)
+        if i == 0:
+            a.legend(loc="upper right")
+    if ax is None:
+        fig.suptitle(title or "Training history")
+    elif title:
+        ax.set_title(title)
+    return finish(fig, save=save, return_fig=return_fig)

@@ -1,0 +1,106 @@
+"""SpatialData -> arrays for the models: patches, log-normalised targets and spot identities."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .._sdata import SAMPLE_KEY, TABLE_KEY
+
+TARGET_SUM = 1e4  # the evaluation protocol: normalize_total(1e4) then log1p
+
+
+@dataclass
+class SpotArrays:
+    """Patches and (when measured) targets of a set of spots, row-aligned."""
+
+    patches: np.ndarray  # uint8 (n, s, 3, h, w)
+    obs: pd.DataFrame  # obs of the spots (index: obs_names), with a "sample" column
+    targets: np.ndarray | None = None  # float32 (n, genes) log1p CP10k
+
+    def subset(self, idx: np.ndarray) -> SpotArrays:
+        """The spots at positions ``idx``."""
+        return SpotArrays(self.patches[idx], self.obs.iloc[idx], None if self.targets is None else self.targets[idx])
+
+
+def as_list(sdata) -> list:
+    """One SpatialData or a sequence of them, as a list."""
+    return list(sdata) if isinstance(sdata, Sequence) else [sdata]
+
+
+def measured_targets(table, genes: Sequence[str], *, fill_missing_genes: bool = False, where: str = "") -> np.ndarray:
+    """log1p(CP10k) of the model genes, normalised over ALL measured genes of each spot (the library size)."""
+    from .._validate import check_raw_counts
+    from ..pp._normalize import log_normalize
+
+    if table.uns.get("st_from_he", {}).get("raw_counts") is False:
+        raise ValueError(
+            f"Table{where} holds normalised values, not raw counts (recorded by `attach_histology`). Training and "
+            f"evaluation need raw counts: attach an AnnData whose X (or a layer you copy to X) holds raw counts."
+        )
+    check_raw_counts(table.X, where=f"Table{where} X")
+    genes = list(genes)
+    index = table.var_names.get_indexer(genes)
+    missing = [g for g, i in zip(genes, index, strict=True) if i < 0]
+    if missing and not fill_missing_genes:
+        raise ValueError(
+            f"{len(missing)} model gene(s) are not measured in table{where}: {missing[:20]}"
+            f"{' ...' if len(missing) > 20 else ''}. Choose genes shared by all sections (`sth.pp.select_genes`) or "
+            f"pass `fill_missing_genes=True` to treat them as zero."
+        )
+    lognorm = log_normalize(table.X, target_sum=TARGET_SUM)
+    out = np.zeros((table.n_obs, len(genes)), dtype=np.float32)
+    present = index >= 0
+    out[:, present] = lognorm[:, index[present]]
+    return out
+
+
+def spot_arrays(
+    sdata,
+    genes: Sequence[str] | None,
+    *,
+    size_um: float,
+    size_px: int,
+    context: Sequence[float],
+    table_key: str = TABLE_KEY,
+    shapes_key: str | None = None,
+    fill_missing_genes: bool = False,
+    spots: Sequence[str] | None = None,
+) -> SpotArrays:
+    """Patches (and targets when ``genes`` is given) of the spots of one SpatialData.
+
+    ``spots`` restricts to these obs_names (few-shot training). With ``shapes_key`` the spots are that element's
+    circles (H&E-only prediction); otherwise the rows of ``table_key``.
+    """
+    from ..pp import extract_patches
+
+    dataset = extract_patches(
+        sdata, size_um=size_um, size_px=size_px, context=tuple(context), shapes_key=shapes_key, table_key=table_key
+    )
+    obs = pd.DataFrame({SAMPLE_KEY: np.asarray(dataset.samples).astype(str)}, index=dataset.obs_names)
+    idx = np.arange(len(dataset))
+    if spots is not None:
+        idx = obs.index.get_indexer(list(spots))
+        if (idx < 0).any():
+            raise KeyError(f"Spots not found in the table: {list(np.asarray(spots)[idx < 0][:10])}.")
+    patches = np.stack([_with_scale_axis(dataset[int(i)]) for i in idx]) if len(idx) else np.zeros(
+        (0, len(context), 3, size_px, size_px), np.uint8)
+    targets = None
+    if genes is not None:
+        table = sdata.tables[table_key]
+        rows = table.obs_names.get_indexer(obs.index[idx])
+        targets = measured_targets(table, genes, fill_missing_genes=fill_missing_genes, where=f" {table_key!r}")[rows]
+    return SpotArrays(patches, obs.iloc[idx], targets)
+
+
+def _with_scale_axis(patch: np.ndarray) -> np.ndarray:
+    return patch[None] if patch.ndim == 3 else patch
+
+
+def concat_arrays(parts: list[SpotArrays]) -> SpotArrays:
+    """Row-wise concatenation of several SpotArrays."""
+    targets = None if any(p.targets is None for p in parts) else np.concatenate([p.targets for p in parts])
+    return SpotArrays(np.concatenate([p.patches for p in parts]), pd.concat([p.obs for p in parts]), targets)

@@ -1,0 +1,513 @@
+"""`ExpressionModel`: train an image-to-expression model on measured sections, save it, load it, apply it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .._logging import logger, timed
+from .._sdata import TABLE_KEY
+from .._settings import settings
+from ._data import SpotArrays, as_list, concat_arrays, spot_arrays
+from ._presets import BASELINE_PRESETS, NEURAL_PRESETS, check_preset
+
+_FORMAT = 1
+_CONFIG_FILE, _WEIGHTS_FILE, _ARRAYS_FILE = "model.json", "weights.safetensors", "arrays.npz"
+
+
+class ExpressionModel:
+    """Predict gene expression from H&E patches of fixed physical size.
+
+    A model is a preset (an architecture and its training recipe) plus the genes it predicts:
+
+    - ``"default"``: a small CNN over the spot patch and a 3x context patch, trained with the soft-target
+      contrastive loss, masked cross-modal reconstruction and a regression head; predictions blend retrieval and
+      regression with a weight chosen on validation spots; colour, stain and resolution augmentation.
+    - ``"cmrc"``: the faithful reference method (ViT tokens, soft-target contrastive loss with tau = 1, masked
+      cross-modal reconstruction, ``log(1 + L)`` losses, AdamW 1e-4 / 1e-3, cosine schedule, flips and 90-degree
+      rotations, retrieval of the top 50 training spots).
+    - ``"ridge"``: ridge regression on hand-crafted colour, stain and texture features (spot and 3x context).
+    - ``"ridge_encoder"``: ridge regression on pooled features of a frozen (by default random-init) resnet18.
+    - ``"mean"``: the mean training expression everywhere.
+
+    Parameters
+    ----------
+    genes
+        Genes to predict (e.g. from :func:`st_from_he.pp.select_genes`).
+    preset
+        One of ``"default"``, ``"cmrc"``, ``"ridge"``, ``"ridge_encoder"``, ``"mean"``.
+    size_um
+        Physical side of the spot patch in micrometres (reference 112).
+    **config
+        Overrides of the preset's hyperparameters: any field of :class:`st_from_he.models.ModelConfig` for neural
+        presets (e.g. ``encoder="resnet18"``, ``encoder_weights="uni.safetensors"``, ``img_size=224``,
+        ``context_scales=(1, 3)``, ``top_k=50``), or ``context_scales``, ``img_size``, ``encoder`` and
+        ``encoder_weights`` for the ridge presets.
+
+    Examples
+    --------
+    >>> import st_from_he as sth
+    >>> sdata = sth.datasets.her2st(["C5", "C6"], path="../shared/data/her2st")
+    >>> train, test = sth.pp.split_sections(sdata, test=["C6"])
+    >>> model = sth.tl.ExpressionModel(sth.pp.select_genes(train, n_top=200), preset="ridge")
+    >>> model.fit(train)  # doctest: +ELLIPSIS
+    ExpressionModel(preset='ridge', ...)
+    >>> sth.tl.predict_expression(test, model)  # doctest: +SKIP
+    """
+
+    def __init__(self, genes: Sequence[str], *, preset: str = "default", size_um: float | None = None, **config: Any):
+        genes = [str(g) for g in genes] if not isinstance(genes, str) else [genes]
+        if not genes:
+            raise ValueError("`genes` is empty; pass the genes to predict, e.g. `sth.pp.select_genes(sdata)`.")
+        duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+        if duplicated:
+            raise ValueError(f"`genes` lists these genes more than once: {duplicated[:10]}.")
+        self.genes = genes
+        self.preset = check_preset(preset)
+        if preset in NEURAL_PRESETS:
+            from ..models import ModelConfig
+
+            params = NEURAL_PRESETS[preset] | config
+            if size_um is not None:
+                params["patch_um"] = size_um
+            self.config = ModelConfig(**params)
+            self.size_um, self.size_px, self.context = self.config.patch_um, self.config.img_size, self.config.context_scales
+        else:
+            unknown = set(config) - {"context_scales", "img_size", "encoder", "encoder_weights"}
+            if unknown:
+                raise TypeError(f"Preset {preset!r} does not take {sorted(unknown)}.")
+            self.config = BASELINE_PRESETS[preset] | config
+            self.size_um = 112.0 if size_um is None else float(size_um)
+            self.size_px = int(self.config["img_size"])
+            self.context = tuple(float(c) for c in self.config["context_scales"])
+        self.history: pd.DataFrame | None = None
+        self.blend: float | None = None  # weight of the regression head against retrieval
+        self.training_info: dict[str, Any] = {}
+        self._module = None
+        self._bank: dict[str, np.ndarray] | None = None
+        self._probe = None
+        self.device = "auto"
+
+    @property
+    def is_neural(self) -> bool:
+        """Whether the preset is a neural network trained by gradient descent (else a closed-form baseline)."""
+        return self.preset in NEURAL_PRESETS
+
+    @property
+    def is_fitted(self) -> bool:
+        """Whether :meth:`fit` (or :meth:`load`) has run."""
+        return self._module is not None if self.is_neural else self._probe is not None
+
+    def __repr__(self) -> str:
+        state = "fitted" if self.is_fitted else "not fitted"
+        return (f"ExpressionModel(preset={self.preset!r}, n_genes={len(self.genes)}, size_um={self.size_um:g}, "
+                f"size_px={self.size_px}, context={self.context}, {state})")
+
+    # -- training --------------------------------------------------------------------------------------------------
+
+    def _arrays(self, sdata, *, table_key, shapes_key=None, genes=True, fill_missing_genes=False, spots=None):
+        parts = [
+            spot_arrays(s, self.genes if genes else None, size_um=self.size_um, size_px=self.size_px,
+                        context=self.context, table_key=table_key, shapes_key=shapes_key,
+                        fill_missing_genes=fill_missing_genes, spots=None if spots is None else
+                        [x for x in spots if x in set(s.tables[table_key].obs_names)])
+            for s in as_list(sdata)
+        ]
+        return concat_arrays(parts)
+
+    def fit(
+        self,
+        sdata,
+        *,
+        table_key: str = TABLE_KEY,
+        max_epochs: int | None = None,
+        max_steps: int = -1,
+        batch_size: int | None = None,
+        lr: float | None = None,
+        val_fraction: float = 0.1,
+        val_sections: Sequence[str] | None = None,
+        spots: Sequence[str] | None = None,
+        accelerator: str = "auto",
+        devices: int | str = "auto",
+        seed: int = 0,
+        patience: int | None = 5,
+        progress_bar: bool | None = None,
+        fill_missing_genes: bool = False,
+    ) -> ExpressionModel:
+        """Train on measured sections.
+
+        Parameters
+        ----------
+        sdata
+            One :class:`~spatialdata.SpatialData` or a list of them, each with a table of raw counts.
+        table_key
+            Table holding the measured raw counts.
+        max_epochs
+            Training epochs (neural presets); default: the preset's.
+        max_steps
+            Stop after this many optimiser steps (``-1``: no limit); for quick trials.
+        batch_size
+            Spots per batch (the contrastive loss's negatives); default: the preset's (64).
+        lr
+            Learning rate; default: the preset's.
+        val_fraction
+            Fraction of spots held out at random for validation (early stopping, best weights, blend weight).
+        val_sections
+            Sample ids held out for validation instead of a random fraction of spots.
+        spots
+            Train on these obs_names only (few-shot learning).
+        accelerator, devices
+            Passed to :class:`lightning.pytorch.Trainer`; ``"auto"`` uses a GPU with bf16 mixed precision when one
+            is available.
+        seed
+            Seeds the split, the initialisation, the augmentations and the batch order; on CPU a fixed seed gives
+            identical models.
+        patience
+            Stop after this many epochs without a lower validation loss (``None``: never).
+        progress_bar
+            Show progress; default ``sth.settings.progress_bar``.
+        fill_missing_genes
+            Treat model genes absent from a section as zero counts instead of raising.
+
+        Returns
+        -------
+        The fitted model itself; :attr:`history` holds per-epoch losses (neural presets).
+        """
+        import lightning as L
+
+        progress_bar = settings.progress_bar if progress_bar is None else progress_bar
+        L.seed_everything(seed, workers=True, verbose=False)
+        with timed(f"Cutting training patches ({self.size_um:g} um, {self.size_px} px, context {self.context})"):
+            data = self._arrays(sdata, table_key=table_key, fill_missing_genes=fill_missing_genes, spots=spots)
+        if len(data.patches) < 2:
+            raise ValueError(f"Need at least 2 training spots, got {len(data.patches)}.")
+        train_idx, val_idx = _split(data, val_fraction, val_sections, seed)
+        self.training_info = {
+            "samples": sorted(data.obs["sample"].unique()),
+            "n_train_spots": int(len(train_idx)),
+            "n_val_spots": int(len(val_idx)),
+            "seed": seed,
+        }
+        if not self.is_neural:
+            from ._baselines import RidgeProbe
+
+            with timed(f"Fitting the {self.preset!r} baseline on {len(data.patches)} spots"):
+                self._probe = RidgeProbe(self.config["features"], self.config.get("encoder", "resnet18"),
+                                         self.config.get("encoder_weights"))
+                self._probe.fit(data.patches, data.targets)
+            return self
+        self._fit_neural(data, train_idx, val_idx, max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size,
+                         lr=lr, accelerator=accelerator, devices=devices, seed=seed, patience=patience,
+                         progress_bar=progress_bar)
+        return self
+
+    def _fit_neural(self, data: SpotArrays, train_idx, val_idx, *, max_epochs, max_steps, batch_size, lr, accelerator,
+                    devices, seed, patience, progress_bar) -> None:
+        from ..models import ExpressionModule
+        from ._training import train
+
+        if lr is not None:
+            self.config.lr = lr
+        if batch_size is not None:
+            self.config.batch_size = batch_size
+        if max_epochs is not None:
+            self.config.max_epochs = max_epochs
+        module = ExpressionModule(self.config, n_genes=len(self.genes))
+        with timed(f"Training the {self.preset!r} model on {len(train_idx)} spots ({len(val_idx)} validation)"):
+            self.history, best_epoch = train(
+                module,
+                (data.patches[train_idx], data.targets[train_idx]),
+                (data.patches[val_idx], data.targets[val_idx]),
+                max_epochs=self.config.max_epochs, batch_size=self.config.batch_size, accelerator=accelerator,
+                devices=devices, seed=seed, progress_bar=progress_bar, patience=patience, max_steps=max_steps,
+            )
+        module = module.cpu()
+        self.training_info["best_epoch"] = best_epoch
+        self._module = module
+        self._bank = None
+        if self.config.contrastive:
+            self._bank = {"expression": data.targets}
+            self._bank["embedding"] = self._embed_expression(data.targets)
+        self.blend = self._choose_blend(data.subset(val_idx))
+
+    def _embed_expression(self, expression: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return np.concatenate([
+                self._module.embed_expression(torch.from_numpy(expression[i : i + batch_size])).numpy()
+                for i in range(0, len(expression), batch_size)
+            ])
+
+    def _choose_blend(self, val: SpotArrays) -> float | None:
+        """Weight of the regression head vs retrieval maximising the mean per-gene PCC on validation spots."""
+        if not (self.config.regression_head and self.config.contrastive):
+            return 1.0 if self.config.regression_head else None
+        if len(val.patches) < 3:
+            return 0.5
+        regression, retrieval, _ = self._predict_parts(val.patches, device="cpu", progress_bar=False)
+        weights = np.linspace(0, 1, 11)
+        scores = [_mean_pcc(w * regression + (1 - w) * retrieval, val.targets) for w in weights]
+        best = float(weights[int(np.nanargmax(scores))])
+        self.training_info["blend_scores"] = dict(zip(weights.round(2).tolist(), np.round(scores, 4).tolist(),
+                                                      strict=True))
+        logger.info("Blend of regression and retrieval chosen on %d validation spots: %.1f (val PCC %.3f)",
+                    len(val.patches), best, max(scores))
+        return best
+
+    # -- prediction ------------------------------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise RuntimeError("The model is not fitted; call `model.fit(sdata)` or `ExpressionModel.load(path)`.")
+
+    def _predict_parts(self, patches, *, device: str, batch_size: int = 64, progress_bar: bool = False):
+        """Regression and retrieval predictions and image embeddings of indexable uint8 patches, in batches."""
+        import torch
+
+        from ..models import retrieve
+        from ._training import normalise_images, resolve_device, set_threads
+
+        set_threads()
+        device = resolve_device(device)
+        module = self._module.to(device).eval()
+        bank = None
+        if self._bank is not None:
+            bank = {k: torch.from_numpy(v).to(device) for k, v in self._bank.items()}
+        regression, retrieval, embeddings = [], [], []
+        starts = range(0, len(patches), batch_size)
+        with torch.inference_mode():
+            for start in tqdm(starts, disable=not progress_bar, desc="Predicting", unit="batch"):
+                x = _stack(patches, start, min(start + batch_size, len(patches)))
+                x = normalise_images(torch.from_numpy(x).to(device), self.config.image_mean, self.config.image_std)
+                emb = module.embed_images(x)
+                embeddings.append(emb.float().cpu().numpy())
+                if module.regression is not None:
+                    regression.append(module.regression(emb).float().cpu().numpy())
+                if bank is not None:
+                    retrieval.append(retrieve(emb, bank["embedding"], bank["expression"], k=self.config.top_k)
+                                     .float().cpu().numpy())
+        module.cpu()
+        cat = lambda parts: np.concatenate(parts).astype(np.float32) if parts else None  # noqa: E731
+        return cat(regression), cat(retrieval), cat(embeddings)
+
+    def predict_patches(
+        self, patches, *, device: str | None = None, batch_size: int = 64, progress_bar: bool | None = None
+    ):
+        """Predicted log1p(CP10k) expression and image embeddings of patches.
+
+        Parameters
+        ----------
+        patches
+            Indexable uint8 patches, item ``(s, 3, h, w)`` or ``(3, h, w)``, e.g. from
+            :func:`st_from_he.pp.extract_patches` with this model's ``size_um``, ``size_px`` and ``context``.
+        device
+            Torch device; ``"auto"`` picks a GPU when available; ``None`` uses :attr:`device`.
+        batch_size
+            Patches per forward pass; memory stays bounded by it.
+        progress_bar
+            Show progress; default ``sth.settings.progress_bar``.
+
+        Returns
+        -------
+        ``(expression, embeddings)``: float32 arrays ``(n, n_genes)`` and ``(n, d)``.
+        """
+        self._check_fitted()
+        progress_bar = settings.progress_bar if progress_bar is None else progress_bar
+        if not self.is_neural:
+            outs = [self._probe.predict(_stack(patches, i, min(i + batch_size, len(patches))))
+                    for i in tqdm(range(0, len(patches), batch_size), disable=not progress_bar, desc="Predicting")]
+            return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+        device = self.device if device is None else device
+        regression, retrieval, embeddings = self._predict_parts(patches, device=device, batch_size=batch_size,
+                                                                progress_bar=progress_bar)
+        if retrieval is None:
+            return regression, embeddings
+        if regression is None:
+            return retrieval, embeddings
+        return (self.blend * regression + (1 - self.blend) * retrieval).astype(np.float32), embeddings
+
+    # -- persistence -----------------------------------------------------------------------------------------------
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the model to a directory: complete or absent, never half-written.
+
+        The directory holds ``model.json`` (preset, genes, patch geometry, normalisation, hyperparameters, blend
+        weight, history, package version), the weights (``weights.safetensors``) and the retrieval bank or ridge
+        coefficients (``arrays.npz``). It is written to a temporary sibling and renamed into place.
+
+        Parameters
+        ----------
+        path
+            Target directory.
+        overwrite
+            Replace an existing directory.
+
+        Returns
+        -------
+        The path written.
+        """
+        from .. import __version__
+
+        self._check_fitted()
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{str(path)!r} exists; pass `overwrite=True` to replace it.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            meta = {
+                "format": _FORMAT,
+                "package_version": __version__,
+                "preset": self.preset,
+                "genes": self.genes,
+                "size_um": self.size_um,
+                "size_px": self.size_px,
+                "context": list(self.context),
+                "normalisation": {"target_sum": 1e4, "log1p": True},
+                "config": self.config.to_dict() if self.is_neural else _jsonable(self.config),
+                "blend": self.blend,
+                "training": _jsonable(self.training_info),
+                "history": None if self.history is None else self.history.to_dict(orient="list"),
+            }
+            (tmp / _CONFIG_FILE).write_text(json.dumps(meta, indent=1))
+            if self.is_neural:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in self._module.state_dict().items()}, tmp / _WEIGHTS_FILE)
+                arrays = self._bank or {}
+            else:
+                arrays = self._probe.get_state()
+            np.savez(tmp / _ARRAYS_FILE, **arrays)
+            if path.exists():
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("Saved the %r model (%d genes) to %s", self.preset, len(self.genes), path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str = "auto") -> ExpressionModel:
+        """Load a model written by :meth:`save`, checking that it is complete and compatible.
+
+        Parameters
+        ----------
+        path
+            Model directory.
+        device
+            Where prediction runs by default (:attr:`device`); weights are kept on the CPU between calls.
+
+        Returns
+        -------
+        The fitted model.
+
+        Examples
+        --------
+        >>> model = sth.tl.ExpressionModel.load("her2st_model")  # doctest: +SKIP
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"No model directory at {str(path)!r}.")
+        try:
+            meta = json.loads((path / _CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{str(path)!r} is not a readable st_from_he model: {_CONFIG_FILE} is missing or "
+                             f"corrupt ({err}).") from err
+        required = {"format", "preset", "genes", "size_um", "config", "context"}
+        if not required <= set(meta) or meta["format"] != _FORMAT:
+            raise ValueError(f"{str(path)!r} has an incompatible model format (keys {sorted(meta)}, format "
+                             f"{meta.get('format')}, expected {_FORMAT}); re-save it with this version.")
+        config = dict(meta["config"])
+        if meta["preset"] in NEURAL_PRESETS:
+            config["encoder_weights"] = None  # the trained weights below replace any initial weights
+        model = cls(meta["genes"], preset=meta["preset"], size_um=meta["size_um"],
+                    **{k: v for k, v in config.items() if k not in ("features", "patch_um")})
+        model.blend = meta.get("blend")
+        model.training_info = meta.get("training", {})
+        model.history = None if meta.get("history") is None else pd.DataFrame(meta["history"])
+        try:
+            arrays = dict(np.load(path / _ARRAYS_FILE))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{str(path)!r}: {_ARRAYS_FILE} is missing or corrupt ({err}).") from err
+        if model.is_neural:
+            from safetensors import SafetensorError
+            from safetensors.torch import load_file
+
+            from ..models import ExpressionModule
+
+            module = ExpressionModule(model.config, n_genes=len(model.genes))
+            try:
+                module.load_state_dict(load_file(path / _WEIGHTS_FILE))
+            except (OSError, RuntimeError, SafetensorError) as err:
+                raise ValueError(f"{str(path)!r}: the weights do not fit the saved configuration or are corrupt "
+                                 f"({str(err)[:300]}).") from err
+            model._module = module.eval()
+            model._bank = arrays or None
+        else:
+            from ._baselines import RidgeProbe
+
+            model._probe = RidgeProbe(model.config["features"], model.config.get("encoder", "resnet18"),
+                                      model.config.get("encoder_weights")).set_state(arrays)
+        model.device = device
+        return model
+
+
+def _stack(patches, start: int, stop: int) -> np.ndarray:
+    """Patches ``start:stop`` as one uint8 array ``(b, s, 3, h, w)``."""
+    if isinstance(patches, np.ndarray):
+        batch = patches[start:stop]
+    else:
+        batch = np.stack([np.asarray(patches[i]) for i in range(start, stop)])
+    return batch[:, None] if batch.ndim == 4 else batch
+
+
+def _mean_pcc(pred: np.ndarray, true: np.ndarray) -> float:
+    """Mean over genes of the Pearson correlation across spots (constant genes count as 0)."""
+    p = pred - pred.mean(0)
+    t = true - true.mean(0)
+    denom = np.sqrt((p**2).sum(0) * (t**2).sum(0))
+    r = np.divide((p * t).sum(0), denom, out=np.zeros(p.shape[1]), where=denom > 0)
+    return float(r.mean())
+
+
+def _split(data: SpotArrays, val_fraction: float, val_sections, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    n = len(data.patches)
+    if val_sections is not None:
+        samples = data.obs["sample"].to_numpy()
+        unknown = set(val_sections) - set(samples)
+        if unknown:
+            raise ValueError(f"`val_sections` {sorted(unknown)} are not among the training samples {sorted(set(samples))}.")
+        is_val = np.isin(samples, list(val_sections))
+        if is_val.all():
+            raise ValueError("`val_sections` covers every training section; keep at least one for training.")
+        return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction}.")
+    order = np.random.default_rng(seed).permutation(n)
+    n_val = max(2, int(round(val_fraction * n))) if n >= 10 else 1
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

@@ -1,0 +1,144 @@
+"""`predict_expression`: apply a model to the spots of measured or H&E-only sections, into a new table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .._logging import logger, timed
+from .._sdata import INSTANCE_KEY, PREDICTED_KEY, REGION_KEY, SAMPLE_KEY, SPATIAL_KEY, TABLE_KEY
+from .._settings import settings
+
+
+def predict_expression(
+    sdata,
+    model=None,
+    *,
+    reference=None,
+    table_key: str = TABLE_KEY,
+    shapes_key: str | None = None,
+    key_added: str = PREDICTED_KEY,
+    batch_size: int = 64,
+    device: str | None = None,
+    overwrite: bool = False,
+    progress_bar: bool | None = None,
+):
+    """Predict expression from the H&E image at every spot, into a new table.
+
+    Patches are cut at the model's physical size from each section's own resolution and streamed through the model
+    in batches, so memory stays bounded on whole slides. The measured table is never modified.
+
+    Parameters
+    ----------
+    sdata
+        :class:`~spatialdata.SpatialData` with one or more sections (measured, or H&E-only with a pseudo-spot grid
+        from :func:`st_from_he.pp.spot_grid`).
+    model
+        A fitted :class:`~st_from_he.tl.ExpressionModel`.
+    reference
+        Instead of ``model``: measured sections (a SpatialData or a list) on which a ``"default"`` model over
+        :func:`st_from_he.pp.select_genes` genes is trained first.
+    table_key
+        Table whose rows are the spots to predict (used when ``shapes_key`` is ``None``).
+    shapes_key
+        Circles element to predict at instead (e.g. ``"C6_grid"``); needed for sections without a table.
+    key_added
+        Key of the new table.
+    batch_size
+        Patches per forward pass.
+    device
+        Torch device (``"auto"``: a GPU when available); default: the model's.
+    overwrite
+        Replace an existing table ``key_added``.
+    progress_bar
+        Show progress; default ``sth.settings.progress_bar``.
+
+    Returns
+    -------
+    Nothing; adds ``sdata.tables[key_added]``, annotating the same circles as the spots predicted:
+
+    - ``X``: predicted log1p(CP10k) expression (float32), ``var_names`` the model's genes;
+    - ``obs``: ``sample``, ``region`` (circles element) and ``spot_id`` (circle index); ``obs_names`` those of the
+      measured table for measured spots, else ``f"{shapes_key}-{index}"``;
+    - ``obsm["spatial"]``: spot centres in pixels; ``obsm["X_he"]``: image embeddings;
+    - ``uns["predict_expression"]``: parameters, model preset, genes, patch geometry and units.
+
+    Examples
+    --------
+    >>> sth.tl.predict_expression(test, model)  # doctest: +SKIP
+    >>> test.tables["predicted_expression"]  # doctest: +SKIP
+    >>> sth.pp.spot_grid(he_only, "S1_image", spacing_um=100)  # doctest: +SKIP
+    >>> sth.tl.predict_expression(he_only, model, shapes_key="S1_grid")  # doctest: +SKIP
+    """
+    import anndata as ad
+    from spatialdata.models import TableModel
+
+    from ..pp import extract_patches
+
+    progress_bar = settings.progress_bar if progress_bar is None else progress_bar
+    if key_added in sdata.tables and not overwrite:
+        raise KeyError(f"Table {key_added!r} exists; pass `overwrite=True` or choose another `key_added`.")
+    if key_added == table_key and shapes_key is None:
+        raise ValueError(f"`key_added` must differ from the measured table {table_key!r}: measured data are never "
+                         f"overwritten.")
+    if shapes_key is None and table_key not in sdata.tables:
+        raise KeyError(f"No table {table_key!r} to take spots from; for an H&E-only slide make pseudo-spots with "
+                       f"`sth.pp.spot_grid` and pass their `shapes_key`.")
+    if model is None:
+        if reference is None:
+            raise ValueError("Pass a fitted `model`, or `reference=` sections to train a default model on.")
+        model = _default_model(reference, table_key=table_key)
+    elif reference is not None:
+        raise ValueError("Pass either `model` or `reference`, not both.")
+    if not model.is_fitted:
+        raise RuntimeError("The model is not fitted; call `model.fit(train)` first.")
+
+    patches = extract_patches(sdata, size_um=model.size_um, size_px=model.size_px, context=tuple(model.context),
+                              shapes_key=shapes_key, table_key=table_key)
+    with timed(f"Predicting {len(model.genes)} genes at {len(patches)} spots"):
+        expression, embeddings = model.predict_patches(patches, device=device, batch_size=batch_size,
+                                                       progress_bar=progress_bar)
+    obs = _spot_obs(sdata, patches, table_key=table_key, shapes_key=shapes_key)
+    table = ad.AnnData(X=expression, obs=obs, var=pd.DataFrame(index=pd.Index(model.genes, name=None)))
+    table.obsm[SPATIAL_KEY] = np.asarray(patches.spatial, dtype=float)
+    table.obsm["X_he"] = embeddings
+    table.uns["predict_expression"] = {
+        "params": {"table_key": table_key, "shapes_key": shapes_key, "batch_size": batch_size},
+        "model": {"preset": model.preset, "n_genes": len(model.genes), "size_um": model.size_um,
+                  "size_px": model.size_px, "context": list(model.context), "blend": model.blend,
+                  "trained_on": list(model.training_info.get("samples", []))},
+        "units": "log1p(counts per 10,000)",
+    }
+    regions = list(dict.fromkeys(obs[REGION_KEY].astype(str)))
+    sdata.tables[key_added] = TableModel.parse(table, region=regions, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
+    logger.info("Wrote table %r (%d spots x %d genes)", key_added, table.n_obs, table.n_vars)
+
+
+def _spot_obs(sdata, patches, *, table_key: str, shapes_key: str | None) -> pd.DataFrame:
+    """sample, region and instance id of every patch's spot, keyed by the patches' obs_names."""
+    names = pd.Index(patches.obs_names)
+    if shapes_key is None:
+        measured = sdata.tables[table_key].obs
+        obs = measured.loc[names, [SAMPLE_KEY, REGION_KEY, INSTANCE_KEY]].copy()
+    else:
+        obs = pd.DataFrame(
+            {SAMPLE_KEY: np.asarray(patches.samples).astype(str), REGION_KEY: shapes_key,
+             INSTANCE_KEY: sdata.shapes[shapes_key].index.to_numpy()},
+            index=names,
+        )
+    for key in (SAMPLE_KEY, REGION_KEY):
+        obs[key] = pd.Categorical(obs[key].astype(str))
+    return obs
+
+
+def _default_model(reference, *, table_key: str):
+    from ..pp import select_genes
+    from ._data import as_list
+    from ._model import ExpressionModel
+
+    parts = as_list(reference)
+    genes = list(dict.fromkeys(g for s in parts for g in select_genes(s, table_key=table_key)))
+    shared = set.intersection(*(set(s.tables[table_key].var_names) for s in parts))
+    genes = [g for g in genes if g in shared]
+    logger.info("Training a default model on the reference sections (%d genes)", len(genes))
+    return ExpressionModel(genes, preset="default").fit(reference, table_key=table_key)

@@ -1,0 +1,41 @@
+"""Named model presets: the faithful reference, the package default and the honest baselines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Neural presets are ModelConfig overrides; the reference values are ModelConfig's own defaults.
+NEURAL_PRESETS: dict[str, dict[str, Any]] = {
+    # The reference method as published: ViT tokens, soft-target contrastive + masked reconstruction, retrieval.
+    "cmrc": {},
+    # Beyond the reference: a small CNN that trains on 2 CPU cores, a 3x context patch, a regression head blended
+    # with retrieval, and colour, stain and resolution augmentation.
+    "default": {
+        "encoder": "sth_tinycnn",
+        "img_size": 112,
+        "context_scales": (1.0, 3.0),
+        "regression_head": True,
+        "regression_hidden": 256,
+        "augment_color": 0.1,
+        "augment_stain": 0.05,
+        "augment_rescale": 0.25,
+        "lr": 1e-3,
+        "max_epochs": 20,
+    },
+}
+
+# Baselines fitted in closed form on fixed features: they need no training loop.
+BASELINE_PRESETS: dict[str, dict[str, Any]] = {
+    "ridge": {"features": "handcrafted", "context_scales": (1.0, 3.0), "img_size": 112},
+    "ridge_encoder": {"features": "encoder", "encoder": "resnet18", "context_scales": (1.0,), "img_size": 224},
+    "mean": {"features": None, "context_scales": (1.0,), "img_size": 32},
+}
+
+PRESETS = (*NEURAL_PRESETS, *BASELINE_PRESETS)
+
+
+def check_preset(preset: str) -> str:
+    """Return ``preset`` or raise naming the known presets."""
+    if preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {list(PRESETS)}.")
+    return preset

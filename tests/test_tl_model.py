@@ -1,0 +1,193 @@
+"""ExpressionModel and predict_expression end to end on real her2st sections, with tiny budgets."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+import st_from_he as sth
+
+# Tiny budgets: 32 px patches, a few optimiser steps; enough to exercise every path on 2 CPU cores.
+TINY = {"img_size": 32, "batch_size": 16}
+
+
+@pytest.fixture(scope="module")
+def split(her2st_small):
+    train, test = sth.pp.split_sections(her2st_small, test=["C6"])
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def genes(split):
+    train, test = split
+    shared = set(train.tables["table"].var_names) & set(test.tables["table"].var_names)
+    return [g for g in sth.pp.select_genes(train, n_top=50) if g in shared][:40]
+
+
+@pytest.fixture(scope="module")
+def cmrc_model(split, genes):
+    train, _ = split
+    model = sth.tl.ExpressionModel(genes, preset="cmrc", encoder="vit_tiny_patch16_224", **TINY)
+    return model.fit(train, max_epochs=1, max_steps=3, progress_bar=False)
+
+
+def _copy(sdata):
+    import spatialdata as sd
+
+    return sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes),
+                          tables={k: v.copy() for k, v in sdata.tables.items()})
+
+
+def test_cmrc_is_the_reference(genes):
+    model = sth.tl.ExpressionModel(genes, preset="cmrc")
+    c = model.config
+    assert (c.tau, c.lr, c.weight_decay, c.top_k, c.mask_ratio, c.batch_size) == (1.0, 1e-4, 1e-3, 50, 0.5, 64)
+    assert c.encoder.startswith("vit") and c.use_reconstruction and c.contrastive and not c.regression_head
+    assert (model.size_um, model.size_px, model.context) == (112.0, 224, (1.0,))
+
+
+def test_cmrc_end_to_end(split, genes, cmrc_model):
+    train, test = split
+    test = _copy(test)
+    measured_before = test.tables["table"].copy()
+    assert cmrc_model.history is not None and {"epoch", "train_loss", "val_loss"} <= set(cmrc_model.history)
+    sth.tl.predict_expression(test, cmrc_model, progress_bar=False)
+    pred = test.tables["predicted_expression"]
+    measured = test.tables["table"]
+    assert pred.shape == (measured.n_obs, len(genes))
+    assert list(pred.var_names) == genes
+    assert np.isfinite(pred.X).all() and (pred.X >= 0).all()
+    # predictions annotate the same circles, row by row
+    assert (pred.obs["region"].astype(str) == measured.obs["region"].astype(str)).all()
+    assert (pred.obs["spot_id"].to_numpy() == measured.obs["spot_id"].to_numpy()).all()
+    assert pred.uns["spatialdata_attrs"]["instance_key"] == "spot_id"
+    np.testing.assert_allclose(pred.obsm["spatial"], measured.obsm["spatial"])
+    assert pred.obsm["X_he"].shape == (measured.n_obs, 256)
+    assert pred.uns["predict_expression"]["model"]["preset"] == "cmrc"
+    # retrieval averages 50 training spots: each prediction is a mean of real training profiles
+    train_max = sth.tl._data.measured_targets(train.tables["table"], genes).max(0)
+    assert (pred.X <= train_max + 1e-5).all()
+    # the measured table is untouched
+    assert (measured.X != measured_before.X).nnz == 0
+    assert list(measured.obs.columns) == list(measured_before.obs.columns)
+
+
+def test_existing_key_is_refused(split, cmrc_model):
+    test = _copy(split[1])
+    sth.tl.predict_expression(test, cmrc_model, progress_bar=False)
+    with pytest.raises(KeyError, match="overwrite=True"):
+        sth.tl.predict_expression(test, cmrc_model, progress_bar=False)
+    sth.tl.predict_expression(test, cmrc_model, progress_bar=False, overwrite=True)
+    with pytest.raises(ValueError, match="never"):
+        sth.tl.predict_expression(test, cmrc_model, key_added="table", overwrite=True)
+
+
+def test_save_load_round_trip_is_identical(tmp_path, split, cmrc_model):
+    test = split[1]
+    a, b = _copy(test), _copy(test)
+    path = cmrc_model.save(tmp_path / "model")
+    assert {p.name for p in path.iterdir()} == {"model.json", "weights.safetensors", "arrays.npz"}
+    with pytest.raises(FileExistsError):
+        cmrc_model.save(path)
+    loaded = sth.tl.ExpressionModel.load(path, device="cpu")
+    assert loaded.genes == cmrc_model.genes and loaded.blend == cmrc_model.blend
+    sth.tl.predict_expression(a, cmrc_model, device="cpu", progress_bar=False)
+    sth.tl.predict_expression(b, loaded, device="cpu", progress_bar=False)
+    np.testing.assert_array_equal(a.tables["predicted_expression"].X, b.tables["predicted_expression"].X)
+    cmrc_model.save(path, overwrite=True)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_save_leaves_nothing(tmp_path, cmrc_model, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", fail)
+    with pytest.raises(OSError, match="disk full"):
+        cmrc_model.save(tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_or_incompatible_model_directory(tmp_path, cmrc_model):
+    path = cmrc_model.save(tmp_path / "model")
+    meta = json.loads((path / "model.json").read_text())
+    meta["genes"] = meta["genes"][:-1]  # the weights were trained for one more gene
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="do not fit"):
+        sth.tl.ExpressionModel.load(path)
+    (path / "model.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        sth.tl.ExpressionModel.load(path)
+    with pytest.raises(FileNotFoundError):
+        sth.tl.ExpressionModel.load(tmp_path / "nowhere")
+
+
+def test_fit_is_deterministic_on_cpu(split, genes):
+    train, test = split
+    preds = []
+    for _ in range(2):
+        model = sth.tl.ExpressionModel(genes, preset="default", **TINY)
+        model.fit(train, max_epochs=1, max_steps=2, progress_bar=False, seed=3)
+        preds.append(model.predict_patches(sth.pp.extract_patches(
+            test, size_um=model.size_um, size_px=model.size_px, context=model.context), progress_bar=False)[0])
+    np.testing.assert_array_equal(preds[0], preds[1])
+
+
+def test_default_preset_blends_regression_and_retrieval(split, genes):
+    model = sth.tl.ExpressionModel(genes, preset="default", **TINY)
+    model.fit(split[0], max_epochs=1, max_steps=2, progress_bar=False)
+    assert model.config.regression_head and model.context == (1.0, 3.0)
+    assert 0.0 <= model.blend <= 1.0
+    assert len(model.training_info["blend_scores"]) == 11
+
+
+def test_few_shot_subset_of_spots(split, genes):
+    train = split[0]
+    spots = list(train.tables["table"].obs_names[:40])
+    model = sth.tl.ExpressionModel(genes, preset="ridge").fit(train, spots=spots)
+    assert model.training_info["n_train_spots"] + model.training_info["n_val_spots"] == 40
+
+
+def test_missing_genes_are_named(split, genes):
+    train = split[0]
+    with pytest.raises(ValueError, match="NOT_A_GENE"):
+        sth.tl.ExpressionModel([*genes[:5], "NOT_A_GENE"], preset="mean").fit(train)
+    model = sth.tl.ExpressionModel([*genes[:5], "NOT_A_GENE"], preset="mean").fit(train, fill_missing_genes=True)
+    assert model.is_fitted
+
+
+def test_table_without_raw_counts_is_refused(split, genes):
+    train = _copy(split[0])
+    table = train.tables["table"]
+    table.X = sp.csr_matrix(np.log1p(table.X.toarray().astype(float) / 7))
+    with pytest.raises(ValueError, match="raw counts"):
+        sth.tl.ExpressionModel(genes, preset="mean").fit(train)
+
+
+def test_bad_arguments(genes):
+    with pytest.raises(ValueError, match="Unknown preset"):
+        sth.tl.ExpressionModel(genes, preset="magic")
+    with pytest.raises(ValueError, match="empty"):
+        sth.tl.ExpressionModel([])
+    with pytest.raises(ValueError, match="more than once"):
+        sth.tl.ExpressionModel(["A", "A"])
+    with pytest.raises(RuntimeError, match="not fitted"):
+        sth.tl.ExpressionModel(genes, preset="ridge").save("x")
+
+
+def test_he_only_slide_on_a_pseudo_spot_grid(tmp_path, split, cmrc_model):
+    import spatialdata as sd
+
+    test = split[1]
+    he_only = sd.SpatialData(images={"C6_image": test.images["C6_image"]})
+    key = sth.pp.spot_grid(he_only, "C6_image", spacing_um=400, diameter_um=100)
+    with pytest.raises(KeyError, match="spot_grid"):
+        sth.tl.predict_expression(he_only, cmrc_model)
+    sth.tl.predict_expression(he_only, cmrc_model, shapes_key=key, progress_bar=False)
+    pred = he_only.tables["predicted_expression"]
+    assert pred.n_obs == len(he_only.shapes[key]) > 20
+    assert (pred.obs["region"] == key).all()
+    assert np.isfinite(pred.X).all()
