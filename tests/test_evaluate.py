@@ -19,6 +19,11 @@ from st_from_he.tl._gene_correlation import gene_correlation
 from st_from_he.tl._gene_sets import BREAST_MARKERS, TUMOR_MARKERS, gene_set
 from st_from_he.tl._tumor import evaluate_localization, score_tumor
 
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning"),
+    pytest.mark.filterwarnings("ignore:The table is annotating:UserWarning"),  # tables without their shapes
+]
+
 N_TOP = 300
 
 
@@ -82,7 +87,7 @@ def zero_in_c6(base) -> str:
     meas = base.tables["table"]
     c5 = np.asarray(meas[meas.obs["sample"] == "C5"].X.sum(axis=0)).ravel()
     c6 = np.asarray(meas[meas.obs["sample"] == "C6"].X.sum(axis=0)).ravel()
-    return str(meas.var_names[np.flatnonzero((c6 == 0) & (c5 > 20))[0]])
+    return str(meas.var_names[np.flatnonzero((c6 == 0) & (c5 >= 5))[0]])
 
 
 def _with(base, **tables) -> SpatialData:
@@ -100,22 +105,35 @@ def perfect_result(perfect):
     return evaluate(perfect)
 
 
-def test_perfect_prediction_scores_one(perfect_result, genes, zero_in_c6):
+def _zero_genes(base, genes, sample) -> list[str]:
+    meas = base.tables["table"]
+    section = meas[meas.obs["sample"] == sample]
+    total = np.asarray(section[:, genes].X.sum(axis=0)).ravel()
+    return [g for g, t in zip(genes, total, strict=True) if t == 0]
+
+
+def test_perfect_prediction_scores_one(base, perfect_result, genes, zero_in_c6):
+    evaluated = [*genes, zero_in_c6]
     per_gene = perfect_result["per_gene"]
     scored = per_gene[~per_gene["constant"]]
     np.testing.assert_allclose(scored["pearson"], 1.0, atol=1e-5)
     assert (scored["spearman"] > 0.999).all()
     assert scored["mse"].max() < 1e-10 and scored["mae"].max() < 1e-5
-    # the gene with no count in C6 is constant there: scored 0, flagged, counted
+    # genes with no count in a section are constant there: scored 0, flagged, counted
+    expected = {(s, g) for s in ("C5", "C6") for g in _zero_genes(base, evaluated, s)}
+    assert ("C6", zero_in_c6) in expected and ("C6", "ADIPOQ") in expected  # ADIPOQ: a marker absent from C6
     flagged = per_gene[per_gene["constant"]]
-    assert list(zip(flagged["sample"], flagged["gene"], strict=True)) == [("C6", zero_in_c6)]
-    assert flagged["pearson"].iloc[0] == 0.0 and flagged["spearman"].iloc[0] == 0.0
+    assert set(zip(flagged["sample"], flagged["gene"], strict=True)) == expected
+    assert (flagged["pearson"] == 0.0).all() and (flagged["spearman"] == 0.0).all()
     summary = perfect_result["summary"]
-    assert summary.loc["C6", "n_constant"] == 1 and summary.loc["C5", "n_constant"] == 0
-    assert list(summary.index) == ["C5", "C6"] and (summary["n_genes"] == len(genes) + 1).all()
-    assert summary.loc["C5", "pcc_all"] == pytest.approx(1.0, abs=1e-5)
-    assert summary.loc["C6", "pcc_all"] == pytest.approx(len(genes) / (len(genes) + 1), abs=1e-5)
-    np.testing.assert_allclose(summary[["pcc_heg", "pcc_hvg", "pcc_markers"]], 1.0, atol=1e-5)
+    for sample in ("C5", "C6"):
+        n_constant = sum(s == sample for s, _ in expected)
+        assert summary.loc[sample, "n_constant"] == n_constant
+        assert summary.loc[sample, "pcc_all"] == pytest.approx(1 - n_constant / len(evaluated), abs=1e-5)
+    assert list(summary.index) == ["C5", "C6"] and (summary["n_genes"] == len(evaluated)).all()
+    np.testing.assert_allclose(summary[["pcc_heg", "pcc_hvg"]], 1.0, atol=1e-5)
+    n_markers = summary.loc["C6", "n_markers"]
+    assert summary.loc["C6", "pcc_markers"] == pytest.approx((n_markers - 1) / n_markers, abs=1e-5)  # ADIPOQ
     np.testing.assert_allclose(summary["preservation"], 1.0, atol=1e-6)
 
 
@@ -123,7 +141,9 @@ def test_alignment_by_spot_id_not_row_order_or_names(base, genes, perfect_result
     pred = _fake_prediction(base, genes, seed=3)
     pred.obs_names = [f"x{i}" for i in range(pred.n_obs)]  # names say nothing; (region, spot_id) does
     res = evaluate(_with(base, predicted_expression=pred))
-    np.testing.assert_allclose(res["per_gene"]["pearson"], 1.0, atol=1e-5)
+    per_gene = res["per_gene"]
+    np.testing.assert_allclose(per_gene.loc[~per_gene["constant"], "pearson"], 1.0, atol=1e-5)
+    assert per_gene["constant"].sum() == len(_zero_genes(base, genes, "C6")) + len(_zero_genes(base, genes, "C5"))
     per_spot = res["per_spot"]
     assert list(per_spot.index) == list(base.tables["table"].obs_names)  # measured order and names
     assert list(per_spot.columns) == ["sample", "region", "spot_id", "pearson"]
@@ -171,9 +191,9 @@ def test_gene_sets_are_chosen_on_each_test_section(base, perfect_result, genes, 
 
 
 def test_markers_present_and_custom_sets(base, perfect, genes):
-    res = perfect_result = evaluate(perfect, n_genes=20)
+    res = evaluate(perfect, n_genes=20, key_added="top20")
     markers = [g for g in BREAST_MARKERS if g in genes]
-    rows = perfect_result["per_gene"].query("sample == 'C6'")
+    rows = res["per_gene"].query("sample == 'C6'")
     assert list(rows.loc[rows["markers"], "gene"]) == [g for g in rows["gene"] if g in markers]
     assert set(rows.loc[rows["markers"], "gene"]) == set(markers)
     assert (res["summary"]["n_markers"] == len(markers)).all() and (res["summary"]["n_heg"] == 20).all()
@@ -194,16 +214,30 @@ def test_spot_level_pcc(perfect_result):
         assert row["n_spots"] == (per_spot["sample"] == sample).sum()
 
 
+def test_gene_set_helper(base, perfect, genes):
+    assert gene_set(perfect, "markers", sample="C6") == [g for g in BREAST_MARKERS if g in genes]  # predicted genes
+    assert gene_set(perfect, "markers", sample="C6", markers=["CD74", "NOT_A_GENE"]) == ["CD74"]
+    assert len(gene_set(base, "heg", sample="C5", genes=None, n_genes=7)) == 7  # any measured gene
+    assert gene_set(perfect, "all", sample="C5") == list(perfect.tables["predicted_expression"].var_names)
+    with pytest.raises(ValueError, match="several sections"):
+        gene_set(perfect, "heg")
+    with pytest.raises(KeyError, match="No sample 'B1'"):
+        gene_set(perfect, "heg", sample="B1")
+    with pytest.raises(ValueError, match="Unknown gene set"):
+        gene_set(perfect, "top", sample="C5")
+
+
 def test_pooled_evaluation(perfect):
     res = evaluate(perfect, per="all", gene_sets=["heg", "all"], key_added="pooled")
     assert list(res["summary"].index) == ["all"] and res["summary"].loc["all", "n_spots"] == 359
     assert set(res["per_gene"]["sample"]) == {"all"}
 
 
-def test_results_stored_and_survive_zarr(perfect, perfect_result, tmp_path):
+def test_results_stored_and_survive_zarr(perfect, tmp_path):
     import spatialdata as sd
 
     stored = perfect.tables["predicted_expression"].uns["evaluation"]
+    perfect_result = stored
     assert set(stored) == {"per_gene", "summary", "per_spot", "params"}
     assert stored["params"]["gene_sets"] == ["heg", "hvg", "markers", "all"]
     perfect.write(tmp_path / "eval.zarr")
@@ -233,22 +267,48 @@ def test_evaluate_errors(base, genes, perfect):
     moved = _fake_prediction(base, genes)
     moved.obs["region"] = moved.obs["region"].astype(str) + "_grid"
     moved = TableModel.parse(
-        moved, region=["C5_spots_grid", "C6_spots_grid"], region_key="region", instance_key="spot_id", overwrite_metadata=True
+        moved,
+        region=["C5_spots_grid", "C6_spots_grid"],
+        region_key="region",
+        instance_key="spot_id",
+        overwrite_metadata=True,
     )
     with pytest.raises(ValueError, match="share no spot"):
         evaluate(_with(base, predicted_expression=moved))
     doubled = ad.concat([perfect.tables["predicted_expression"]] * 2, index_unique="-")
     with pytest.raises(ValueError, match="twice"):
         evaluate(SpatialData(tables={"table": base.tables["table"], "predicted_expression": doubled}))
+
+
+def test_measured_table_already_log_normalised(base, perfect, perfect_result):
+    """Tables attached from scanpy-processed data hold log1p(CP10k): refused by default, used as is when asked."""
     normalised = base.tables["table"].copy()
     normalised.X = sparse.csr_matrix(_lognorm(normalised.X))
-    with pytest.raises(ValueError, match="raw counts"):
-        evaluate(SpatialData(tables={"table": normalised, "predicted_expression": perfect.tables["predicted_expression"]}))
+    sdata = _with(base, predicted_expression=perfect.tables["predicted_expression"])
+    sdata.tables["table"] = normalised
+    with pytest.raises(ValueError, match="normalize=False"):
+        evaluate(sdata)
+    res = evaluate(sdata, normalize=False, gene_sets=["heg", "all"])
+    scored = res["per_gene"][~res["per_gene"]["constant"]]
+    np.testing.assert_allclose(scored["pearson"], 1.0, atol=1e-5)
+    np.testing.assert_allclose(res["summary"]["pcc_heg"], perfect_result["summary"]["pcc_heg"], atol=1e-6)
+    raw_in_layer = normalised.copy()
+    raw_in_layer.layers["counts"] = base.tables["table"].X.copy()
+    sdata.tables["table"] = raw_in_layer
+    assert evaluate(sdata, layer="counts", gene_sets=["heg"])["summary"]["pcc_heg"].tolist() == pytest.approx(
+        [1.0, 1.0], abs=1e-5
+    )
 
 
 def test_predictions_on_extra_spots_are_left_out(base, genes):
     pred = _fake_prediction(base, genes)
-    c6 = pred[pred.obs["sample"] == "C6"].copy()
+    c6 = TableModel.parse(
+        pred[pred.obs["sample"] == "C6"].copy(),
+        region="C6_spots",
+        region_key="region",
+        instance_key="spot_id",
+        overwrite_metadata=True,
+    )
     res = evaluate(_with(base, predicted_expression=c6))
     assert list(res["summary"].index) == ["C6"]  # only the spots both tables annotate
 
@@ -295,8 +355,10 @@ def cancer(base) -> pd.Series:
 
 
 def test_score_tumor_on_predicted_and_measured_tables(base, genes):
-    sdata = SpatialData(tables={"table": base.tables["table"].copy(),
-                                "predicted_expression": _fake_prediction(base, genes)})  # fmt: skip
+    sdata = SpatialData(
+        shapes=dict(base.shapes),
+        tables={"table": base.tables["table"].copy(), "predicted_expression": _fake_prediction(base, genes)},
+    )
     score_tumor(sdata)
     pred = sdata.tables["predicted_expression"]
     assert pred.uns["tumor_score"]["params"]["markers"] == list(TUMOR_MARKERS)
@@ -319,11 +381,16 @@ def test_score_tumor_on_predicted_and_measured_tables(base, genes):
 
 
 def test_localization_on_c6(base, genes, cancer):
-    perfect = SpatialData(tables={"table": base.tables["table"], "predicted_expression": _fake_prediction(base, genes)})
+    perfect = _with(base, predicted_expression=_fake_prediction(base, genes))
     res = evaluate_localization(perfect, cancer)  # no score yet: computed on the fly from TUMOR_MARKERS
     assert list(res.columns) == [
-        "n_spots", "n_tumor", "auroc", "average_precision", "auroc_measured", "average_precision_measured"
-    ]  # fmt: skip
+        "n_spots",
+        "n_tumor",
+        "auroc",
+        "average_precision",
+        "auroc_measured",
+        "average_precision_measured",
+    ]
     c6 = res.loc["C6"]
     assert c6["n_spots"] == 176 and c6["n_tumor"] == 86  # 'unknown' spots count as non-tumour; 2 unlabelled
     assert c6["auroc_measured"] == pytest.approx(0.777, abs=0.005)  # the markers localise the labelled tumour
@@ -331,7 +398,7 @@ def test_localization_on_c6(base, genes, cancer):
     assert perfect.tables["predicted_expression"].uns["tumor_localization"]["per_sample"].equals(res)
 
     shuffled = _fake_prediction(base, genes, shuffle_within=True, seed=2)
-    sdata = SpatialData(tables={"table": base.tables["table"], "predicted_expression": shuffled})
+    sdata = _with(base, predicted_expression=shuffled)
     score_tumor(sdata)  # the recorded score (and its markers) is used
     res = evaluate_localization(sdata, cancer.astype(float))
     assert abs(res.loc["C6", "auroc"] - 0.5) < 0.15 and res.loc["C6", "auroc_measured"] == c6["auroc_measured"]
@@ -339,8 +406,10 @@ def test_localization_on_c6(base, genes, cancer):
 
 def test_localization_labels(base, genes, cancer):
     table = base.tables["table"].copy()
-    table.obs["is_cancer"] = cancer.fillna(False).astype(bool)
-    sdata = SpatialData(tables={"table": table, "predicted_expression": _fake_prediction(base, genes)})
+    table.obs["is_cancer"] = cancer.eq(True)  # unlabelled spots count as non-tumour here
+    sdata = SpatialData(
+        shapes=dict(base.shapes), tables={"table": table, "predicted_expression": _fake_prediction(base, genes)}
+    )
     res = evaluate_localization(sdata, "is_cancer", markers=["ERBB2", "GRB7"])
     assert res.loc["C6", "n_spots"] == 178
     assert sdata.tables["predicted_expression"].uns["tumor_localization"]["params"]["markers"] == ["ERBB2", "GRB7"]

@@ -31,14 +31,15 @@ def genes(split):
 def cmrc_model(split, genes):
     train, _ = split
     model = sth.tl.ExpressionModel(genes, preset="cmrc", encoder="vit_tiny_patch16_224", **TINY)
-    return model.fit(train, max_epochs=1, max_steps=3, progress_bar=False)
+    return model.fit(train, max_epochs=1, progress_bar=False)
 
 
 def _copy(sdata):
     import spatialdata as sd
 
-    return sd.SpatialData(images=dict(sdata.images), shapes=dict(sdata.shapes),
-                          tables={k: v.copy() for k, v in sdata.tables.items()})
+    return sd.SpatialData(
+        images=dict(sdata.images), shapes=dict(sdata.shapes), tables={k: v.copy() for k, v in sdata.tables.items()}
+    )
 
 
 def test_cmrc_is_the_reference(genes):
@@ -130,15 +131,19 @@ def test_fit_is_deterministic_on_cpu(split, genes):
     preds = []
     for _ in range(2):
         model = sth.tl.ExpressionModel(genes, preset="default", **TINY)
-        model.fit(train, max_epochs=1, max_steps=2, progress_bar=False, seed=3)
-        preds.append(model.predict_patches(sth.pp.extract_patches(
-            test, size_um=model.size_um, size_px=model.size_px, context=model.context), progress_bar=False)[0])
+        model.fit(train, max_epochs=1, progress_bar=False, seed=3)
+        preds.append(
+            model.predict_patches(
+                sth.pp.extract_patches(test, size_um=model.size_um, size_px=model.size_px, context=model.context),
+                progress_bar=False,
+            )[0]
+        )
     np.testing.assert_array_equal(preds[0], preds[1])
 
 
 def test_default_preset_blends_regression_and_retrieval(split, genes):
     model = sth.tl.ExpressionModel(genes, preset="default", **TINY)
-    model.fit(split[0], max_epochs=1, max_steps=2, progress_bar=False)
+    model.fit(split[0], max_epochs=1, progress_bar=False)
     assert model.config.regression_head and model.context == (1.0, 3.0)
     assert 0.0 <= model.blend <= 1.0
     assert len(model.training_info["blend_scores"]) == 11
@@ -148,7 +153,9 @@ def test_few_shot_subset_of_spots(split, genes):
     train = split[0]
     spots = list(train.tables["table"].obs_names[:40])
     model = sth.tl.ExpressionModel(genes, preset="ridge").fit(train, spots=spots)
-    assert model.training_info["n_train_spots"] + model.training_info["n_val_spots"] == 40
+    assert model.training_info["n_train_spots"] == 40 and model.training_info["n_val_spots"] == 0
+    with pytest.raises(KeyError, match="not in the training tables"):
+        sth.tl.ExpressionModel(genes, preset="mean").fit(train, spots=["nope"])
 
 
 def test_missing_genes_are_named(split, genes):

@@ -14,8 +14,11 @@ def main(argv: list[str] | None = None) -> int:
         "demo",
         help="train on her2st C2-C5 + B4, predict held-out C6, print scores, write figures and predictions",
     )
-    demo.add_argument("--data", default=None, help="folder with the her2st sections (default: $ST_FROM_HE_DATA_DIR, "
-                      "the cache, or download)")
+    demo.add_argument(
+        "--data",
+        default=None,
+        help="folder with the her2st sections (default: $ST_FROM_HE_DATA_DIR, the cache, or download)",
+    )
     demo.add_argument("--out", default="st_from_he_demo", help="output folder (default: %(default)s)")
     demo.add_argument("--test", default="C6", help="held-out section (default: %(default)s)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
@@ -26,8 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from ._demo import run_demo
 
-        run_demo(data=args.data, out=args.out, test=args.test, epochs=args.epochs, preset=args.preset,
-                 n_top=args.n_top, seed=args.seed)
+        run_demo(
+            data=args.data,
+            out=args.out,
+            test=args.test,
+            epochs=args.epochs,
+            preset=args.preset,
+            n_top=args.n_top,
+            seed=args.seed,
+        )
     return 0
 
 

@@ -46,8 +46,17 @@ def run_demo(*, data=None, out="st_from_he_demo", test="C6", epochs=None, preset
         results[name], models[name] = scores, model
 
     table = pd.concat(results, names=["method"]).reset_index()
-    columns = ["method", "sample", "pcc_hvg", "pcc_heg", "pcc_markers", "pcc_all", "n_constant", "preservation",
-               "fit_seconds"]
+    columns = [
+        "method",
+        "sample",
+        "pcc_hvg",
+        "pcc_heg",
+        "pcc_markers",
+        "pcc_all",
+        "n_constant",
+        "preservation",
+        "fit_seconds",
+    ]
     table = table[[c for c in columns if c in table]]
     table.to_csv(out / "scores.csv", index=False)
     print(f"\nHeld-out section {test}: mean per-gene PCC (HVG-50 / HEG-50 / markers / all genes)\n")

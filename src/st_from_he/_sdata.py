@@ -75,7 +75,9 @@ def pixel_size_um(sdata: SpatialData, element_key: str, sample: str) -> float:
     matrix = transforms[sample].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y"))
     sx, sy = float(np.hypot(*matrix[:2, 0])), float(np.hypot(*matrix[:2, 1]))
     if not np.isclose(sx, sy, rtol=1e-3):
-        raise ValueError(f"Element {element_key!r} has non-square pixels ({sx:.4g} x {sy:.4g} um); this is not supported.")
+        raise ValueError(
+            f"Element {element_key!r} has non-square pixels ({sx:.4g} x {sy:.4g} um); this is not supported."
+        )
     return sx
 
 

@@ -28,7 +28,11 @@ class _Settings:
     num_threads
         CPU threads torch may use; ``None`` leaves torch's choice.
     cache_dir
-        Where downloaded datasets and decoded images are kept.
+        Where downloaded datasets are kept.
+    image_cache_gb
+        Memory for decoded images kept between calls (least recently used dropped first), so that training,
+        validation and prediction on a section decode its image once. Large tiled pyramids (TIFF, zarr) are read
+        window by window and not kept.
     progress_bar
         Show progress bars on long work.
     """
@@ -37,6 +41,7 @@ class _Settings:
     num_workers: int = 0
     num_threads: int | None = None
     cache_dir: Path = field(default_factory=_default_cache_dir)
+    image_cache_gb: float = 4.0
     progress_bar: bool = True
 
 

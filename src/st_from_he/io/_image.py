@@ -30,16 +30,61 @@ def _allow_large_images() -> None:
     Image.MAX_IMAGE_PIXELS = None  # H&E scans are legitimately huge; PIL's bomb check would refuse them
 
 
-def _decode_plain(path: str) -> np.ndarray:
+def _decode_plain(path: str, reduce: int = 1) -> np.ndarray:
+    """Decode a JPEG/PNG to ``(3, y, x)`` uint8, ``reduce`` times smaller on each side.
+
+    A full-resolution JPEG is decoded by imagecodecs straight into memory mapped in bulk (see
+    :func:`~st_from_he._memory.empty_uint8`); reduced levels go through PIL, whose JPEG decoder scales in the DCT
+    domain (1/2, 1/4, 1/8) and so never builds the full-resolution image.
+    """
+    if reduce == 1:
+        try:
+            return _decode_jpeg_fast(path)
+        except Exception:  # noqa: BLE001 - not a JPEG, or a codec failure: PIL decodes it or gives the clear error
+            pass
     from PIL import Image
 
     _allow_large_images()
     with Image.open(path) as im:
-        return np.moveaxis(np.asarray(im.convert("RGB")), -1, 0)
+        target = (-(-im.width // reduce), -(-im.height // reduce))  # ceil, as the level shapes promise
+        if reduce > 1:
+            im.draft("RGB", target)
+        im = im if im.mode == "RGB" else im.convert("RGB")
+        if reduce > 1 and im.size != target:
+            im = im.reduce(max(1, round(im.width / target[0])))
+            if im.size != target:
+                im = im.resize(target)
+        return _channels_first(np.asarray(im))
 
 
-def _plain_image(path: Path) -> da.Array:
-    """A lazy array over a JPEG/PNG: the header gives the shape; the pixels are decoded once per compute."""
+def _decode_jpeg_fast(path: str) -> np.ndarray:
+    import imagecodecs
+
+    from st_from_he._memory import empty_uint8
+
+    data = Path(path).read_bytes()
+    if not imagecodecs.jpeg8_check(data):
+        raise ValueError("not a JPEG")
+    pixels = imagecodecs.jpeg8_decode(data)
+    if pixels.ndim != 3 or pixels.shape[2] != 3:
+        raise ValueError("not an RGB JPEG")
+    out = empty_uint8((3, *pixels.shape[:2]))
+    np.copyto(out, np.moveaxis(pixels, -1, 0))
+    return out
+
+
+def _channels_first(pixels: np.ndarray) -> np.ndarray:
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=-1)
+    return np.ascontiguousarray(np.moveaxis(pixels[..., :3], -1, 0))
+
+
+def _plain_levels(path: Path) -> list[da.Array]:
+    """Lazy pyramid over a JPEG/PNG: level ``i`` is decoded ``2**i`` times smaller, straight from the file.
+
+    The header gives the shapes; each level is one chunk, decoded when computed (plots and tissue masks decode only
+    a small level).
+    """
     from PIL import Image, UnidentifiedImageError
 
     _allow_large_images()
@@ -48,7 +93,12 @@ def _plain_image(path: Path) -> da.Array:
             width, height = im.size
     except (UnidentifiedImageError, OSError) as err:
         raise ValueError(f"Could not read image {str(path)!r}: {err}") from err
-    return da.from_delayed(delayed(_decode_plain)(str(path)), shape=(3, height, width), dtype=np.uint8)
+    levels = [da.from_delayed(delayed(_decode_plain)(str(path)), shape=(3, height, width), dtype=np.uint8)]
+    for i in range(1, len(_scale_factors(height, width)) + 1):
+        reduce = 2**i
+        shape = (3, -(-height // reduce), -(-width // reduce))
+        levels.append(da.from_delayed(delayed(_decode_plain)(str(path), reduce), shape=shape, dtype=np.uint8))
+    return levels
 
 
 class _TiffLevel:
@@ -211,7 +261,7 @@ def read_image_levels(path: str | Path) -> tuple[list[da.Array], float | None]:
         raise FileNotFoundError(f"Image file {str(path)!r} does not exist.")
     suffix = path.suffix.lower()
     if suffix in _PLAIN_SUFFIXES:
-        return [_plain_image(path)], None
+        return _plain_levels(path), None
     if suffix in _TIFF_SUFFIXES:
         return _tiff_levels(path)
     raise ValueError(f"Unsupported image format {suffix!r} of {str(path)!r}; use JPEG, PNG or (OME-)TIFF.")

@@ -8,15 +8,21 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._sdata import PREDICTED_KEY, TABLE_KEY
+from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY
+
 from ._utils import finish, styled
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
-_SET_NAMES = {"heg": "highly expressed genes", "hvg": "highly variable genes", "markers": "marker genes",
-              "all": "genes", "custom": "genes"}  # fmt: skip
+_SET_NAMES = {
+    "heg": "highly expressed genes",
+    "hvg": "highly variable genes",
+    "markers": "marker genes",
+    "all": "genes",
+    "custom": "genes",
+}
 
 
 def _cluster_order(corr: np.ndarray) -> np.ndarray:
@@ -42,6 +48,7 @@ def gene_correlation(
     n_genes: int = 50,
     markers: Sequence[str] | None = None,
     layer: str | None = None,
+    normalize: bool | None = None,
     cluster: bool = True,
     cmap: str = "RdBu_r",
     return_fig: bool = False,
@@ -73,6 +80,10 @@ def gene_correlation(
         Marker genes of the ``"markers"`` set; default :data:`~st_from_he.tl.BREAST_MARKERS`.
     layer
         Layer of the measured table holding raw counts; ``None`` uses ``X``.
+    normalize
+        How measured values become targets: ``None`` normalises raw counts to ``log1p`` CP10k and refuses other
+        values, ``True`` normalises any non-negative values, ``False`` takes them as they are (see
+        :func:`~st_from_he.tl.evaluate`).
     cluster
         Order genes by clustering; otherwise keep the gene set's order.
     cmap
@@ -95,12 +106,19 @@ def gene_correlation(
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
 
-    from ..tl._gene_correlation import _gene_correlation
+    from st_from_he.tl._gene_correlation import _gene_correlation
 
     res = _gene_correlation(
-        sdata, genes=genes, predicted_key=predicted_key, measured_key=measured_key, sample=sample, n_genes=n_genes,
-        markers=markers, layer=layer,
-    )  # fmt: skip
+        sdata,
+        genes=genes,
+        predicted_key=predicted_key,
+        measured_key=measured_key,
+        sample=sample,
+        n_genes=n_genes,
+        markers=markers,
+        layer=layer,
+        normalize=normalize,
+    )
     measured, predicted = res["measured"], res["predicted"]
     order = _cluster_order(measured.to_numpy()) if cluster else np.arange(len(measured))
     names = measured.index.to_numpy()[order]

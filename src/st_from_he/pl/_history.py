@@ -27,7 +27,9 @@ def _history_frame(history) -> pd.DataFrame:
     if isinstance(history, Mapping):
         history = pd.DataFrame(dict(history))
     if not isinstance(history, pd.DataFrame):
-        raise TypeError(f"Expected a DataFrame, a dict of lists or a model with `.history`, got {type(history).__name__}.")
+        raise TypeError(
+            f"Expected a DataFrame, a dict of lists or a model with `.history`, got {type(history).__name__}."
+        )
     if history.empty:
         raise ValueError("The training history is empty.")
     df = history.copy()
@@ -43,7 +45,7 @@ def _split(column: str) -> tuple[str, str] | None:
     for split, affixes in _SPLITS.items():
         for affix in affixes:
             if affix.endswith(("_", "/")) and column.startswith(affix):
-                return split, column[len(affix):]
+                return split, column[len(affix) :]
             if affix.startswith("_") and column.endswith(affix):
                 return split, column[: -len(affix)]
     return None
@@ -147,9 +149,15 @@ def training_history(
             if split not in columns:
                 continue
             series = df[["epoch", columns[split]]].dropna()
-            a.plot(series["epoch"], series[columns[split]], color=colors[split], ls="-" if split == "train" else "--",
-                   marker="o" if len(series) <= 30 else None, markersize=2.5,
-                   label="training" if split == "train" else "validation")  # fmt: skip
+            a.plot(
+                series["epoch"],
+                series[columns[split]],
+                color=colors[split],
+                ls="-" if split == "train" else "--",
+                marker="o" if len(series) <= 30 else None,
+                markersize=2.5,
+                label="training" if split == "train" else "validation",
+            )
         if best is not None:
             a.axvline(best, color="0.5", ls=":", lw=1, label=f"best epoch ({best})")
         a.set_title(name.replace("_", " "))
@@ -159,7 +167,7 @@ def training_history(
             a.set_yscale("log")
         a.xaxis.get_major_locator().set_params(integer=True)
         if i == 0:
-            a.legend(loc="upper right")
+            a.legend(loc="best")
     if ax is None:
         fig.suptitle(title or "Training history")
     elif title:

@@ -18,8 +18,20 @@ if TYPE_CHECKING:
 _DEFAULT_METHOD = "prediction"
 _SET_ORDER = ("heg", "hvg", "markers", "all")
 _SET_LABELS = {"heg": "HEG", "hvg": "HVG", "markers": "markers", "all": "all genes"}
-_PER_GENE_COLUMNS = {"sample", "gene", "pearson", "spearman", "mse", "mae", "constant", "mean_measured",
-                     "var_measured", "mean_predicted", "zero_fraction", "method"}  # fmt: skip
+_PER_GENE_COLUMNS = {
+    "sample",
+    "gene",
+    "pearson",
+    "spearman",
+    "mse",
+    "mae",
+    "constant",
+    "mean_measured",
+    "var_measured",
+    "mean_predicted",
+    "zero_fraction",
+    "method",
+}
 
 
 def _tidy_one(results, method: str) -> pd.DataFrame:
@@ -39,10 +51,12 @@ def _tidy_one(results, method: str) -> pd.DataFrame:
         if not sets:
             raise ValueError("The per-gene table has no boolean gene-set column (e.g. 'heg').")
         out = pd.concat(
-            [df.loc[df[s], [c for c in ("method", "sample", "gene", "pearson") if c in df]].assign(gene_set=s)
-             for s in sets],
+            [
+                df.loc[df[s], [c for c in ("method", "sample", "gene", "pearson") if c in df]].assign(gene_set=s)
+                for s in sets
+            ],
             ignore_index=True,
-        )  # fmt: skip
+        )
     else:  # evaluate's summary: one pcc_<set> column per set, one row per section
         pcc = [c for c in df.columns if c.startswith("pcc_")]
         if not pcc:
@@ -170,17 +184,31 @@ def metrics(
         else:
             data = [tidy.loc[(tidy["method"] == name) & (tidy["gene_set"] == s), "pearson"].to_numpy() for s in sets]
             box = ax.boxplot(
-                data, positions=x, widths=bar_width * 0.8, patch_artist=True, showfliers=False,
-                medianprops={"color": "black", "lw": 1}, whiskerprops={"color": "0.3"}, capprops={"color": "0.3"},
-            )  # fmt: skip
+                data,
+                positions=x,
+                widths=bar_width * 0.8,
+                patch_artist=True,
+                showfliers=False,
+                medianprops={"color": "black", "lw": 1},
+                whiskerprops={"color": "0.3"},
+                capprops={"color": "0.3"},
+            )
             for patch in box["boxes"]:
                 patch.set(facecolor=color, alpha=0.75, edgecolor="0.3")
             ax.plot([], [], marker="s", ls="none", color=color, alpha=0.75, label=name)
         for i, s in enumerate(sets):
             points = sec.loc[sec["gene_set"] == s, "pearson"].to_numpy()
             jitter = rng.uniform(-0.18, 0.18, len(points)) * bar_width if len(points) > 1 else np.zeros(len(points))
-            ax.scatter(np.full(len(points), x[i]) + jitter, points, s=12, color="0.15", edgecolors="white",
-                       linewidths=0.4, zorder=3, label="section mean" if (i == 0 and j == 0) else None)  # fmt: skip
+            ax.scatter(
+                np.full(len(points), x[i]) + jitter,
+                points,
+                s=12,
+                color="0.15",
+                edgecolors="white",
+                linewidths=0.4,
+                zorder=3,
+                label="section mean" if (i == 0 and j == 0) else None,
+            )
     ax.axhline(0, color="0.4", lw=0.8, zorder=1)
     ax.set_xticks(centres, [_SET_LABELS.get(s, s) for s in sets])
     ax.set_xlim(-0.6, len(sets) - 0.4)
@@ -196,7 +224,9 @@ def metrics(
     ax.legend(
         [handles[i] for i in order],
         [labels[i] for i in order],
-        title=f"{n_sections} section{'s' if n_sections != 1 else ''}", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+        title=f"{n_sections} section{'s' if n_sections != 1 else ''}",
+        loc="upper left",
+        bbox_to_anchor=(1.01, 1.0),
         borderaxespad=0.0,
-    )  # fmt: skip
+    )
     return finish(fig, save=save, return_fig=return_fig)

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from .._sdata import PREDICTED_KEY, TABLE_KEY
+from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY
+
 from ._utils import (
     EXPRESSION_LABEL,
+    colorbar_shrink,
     draw_section,
     finish,
     new_figure,
@@ -62,9 +64,11 @@ def predicted_vs_measured(
     predicted_key: str = PREDICTED_KEY,
     measured_key: str = TABLE_KEY,
     layer: str | None = None,
+    normalize: bool | None = None,
     cmap: str = "viridis",
     spot_scale: float = 1.0,
     image: bool = True,
+    image_alpha: float = 0.6,
     ncols: int = 4,
     panel_size: float = 3.0,
     return_fig: bool = False,
@@ -92,12 +96,18 @@ def predicted_vs_measured(
         Table of measured raw counts.
     layer
         Layer of the measured table holding raw counts; ``None`` uses ``X``.
+    normalize
+        How measured values become targets: ``None`` normalises raw counts to ``log1p`` CP10k and refuses other
+        values, ``True`` normalises any non-negative values, ``False`` takes them as they are (see
+        :func:`~st_from_he.tl.evaluate`).
     cmap
         Colour map of the expression maps.
     spot_scale
         Factor on the drawn spot radius.
     image
         Draw the H&E under the spots (from a coarse pyramid level).
+    image_alpha
+        Opacity of the H&E; below 1 it is faded towards white so the spots stand out.
     ncols
         Scatter panels per row.
     panel_size
@@ -117,14 +127,14 @@ def predicted_vs_measured(
     >>> sth.pl.predicted_vs_measured(sdata, ["ERBB2", "KRT19"], sample="C6")  # doctest: +SKIP
     >>> sth.pl.predicted_vs_measured(sdata, ["ERBB2", "KRT19"], sample="C6", kind="scatter")  # doctest: +SKIP
     """
-    from ..tl._evaluate import _paired, _pearson
+    from st_from_he.tl._evaluate import _paired, _pearson
 
     if kind not in ("spatial", "scatter"):
         raise ValueError(f"`kind` must be 'spatial' or 'scatter', got {kind!r}.")
     genes = [genes] if isinstance(genes, str) else list(genes)
     if not genes:
         raise ValueError("Give at least one gene.")
-    paired = _paired(sdata, predicted_key, measured_key, genes=genes, layer=layer)
+    paired = _paired(sdata, predicted_key, measured_key, genes=genes, layer=layer, normalize=normalize)
     sample = resolve_sample(paired.samples, sample, f"the spots of tables {predicted_key!r} and {measured_key!r}")
     rows = paired.rows_of(sample)
     measured, predicted = paired.measured[rows], paired.predicted[rows]
@@ -161,7 +171,9 @@ def predicted_vs_measured(
     bounds = spot_bounds(xy, radius)
     overview = overview_image(sdata, sample, bounds) if image else None
     aspect = (bounds[3] - bounds[2]) / (bounds[1] - bounds[0])
-    fig, axes = new_figure(len(genes), 2, panel_size=(panel_size, panel_size * aspect + 0.35))
+    panel_height = panel_size * aspect + 0.35
+    fig, axes = new_figure(len(genes), 2, panel_size=(panel_size + 0.45, panel_height))  # + room for colour bars
+    fig.get_layout_engine().set(hspace=0.06)
     for i, gene in enumerate(genes):
         values = np.concatenate([measured[:, i], predicted[:, i]])
         norm, extend = _robust_norm(values)
@@ -170,9 +182,12 @@ def predicted_vs_measured(
             (axes[i, 0], measured[:, i], f"{gene}: measured"),
             (axes[i, 1], predicted[:, i], f"{gene}: predicted ({_pcc_label(r[i], constant[i])})"),
         ):
-            spots = draw_section(ax, sdata, sample, xy, radius, data, cmap=cmap, norm=norm, image=overview)
+            spots = draw_section(
+                ax, sdata, sample, xy, radius, data, cmap=cmap, norm=norm, image=overview, image_alpha=image_alpha
+            )
             ax.set_title(title)
-        fig.colorbar(spots, ax=axes[i, :].tolist(), shrink=0.8, label=EXPRESSION_LABEL, pad=0.02, extend=extend)
+        shrink = colorbar_shrink(panel_height)
+        fig.colorbar(spots, ax=axes[i, :].tolist(), shrink=shrink, label=EXPRESSION_LABEL, pad=0.02, extend=extend)
     fig.suptitle(f"{sample}: predicted vs measured expression")
     return finish(fig, save=save, return_fig=return_fig)
 
@@ -190,6 +205,7 @@ def tumor_map(
     label_color: str = "#00b4d8",
     spot_scale: float = 1.0,
     image: bool = True,
+    image_alpha: float = 0.75,
     title: str | None = None,
     ax: Axes | None = None,
     panel_size: float = 4.5,
@@ -222,6 +238,8 @@ def tumor_map(
         Factor on the drawn spot radius.
     image
         Draw the H&E under the spots (from a coarse pyramid level).
+    image_alpha
+        Opacity of the H&E; below 1 it is faded towards white so the spots stand out.
     title
         Panel title; default names the section and the table.
     ax
@@ -246,7 +264,7 @@ def tumor_map(
     """
     from matplotlib.lines import Line2D
 
-    from ..tl._evaluate import _spot_index, _table
+    from st_from_he.tl._evaluate import _spot_index, _table
 
     table = _table(sdata, table_key, "scored")
     if score_key not in table.obs:
@@ -268,18 +286,25 @@ def tumor_map(
         ax = axes[0, 0]
     else:
         fig = ax.figure
+    axes_height = ax.get_position().height * fig.get_figheight()
     norm, extend = _robust_norm(values)
-    spots = draw_section(ax, sdata, sample, xy, radius, values, cmap=cmap, norm=norm, image=overview)
-    markers = table.uns.get(score_key, {}).get("params", {}).get("markers") if isinstance(table.uns.get(score_key), dict) else None
+    spots = draw_section(
+        ax, sdata, sample, xy, radius, values, cmap=cmap, norm=norm, image=overview, image_alpha=image_alpha
+    )
+    markers = (
+        table.uns.get(score_key, {}).get("params", {}).get("markers")
+        if isinstance(table.uns.get(score_key), dict)
+        else None
+    )
     cbar_label = score_key.replace("_", " ")
     if markers is not None:
         cbar_label += f" (mean z-score of {len(markers)} markers)"
-    fig.colorbar(spots, ax=ax, shrink=0.8, pad=0.02, label=cbar_label, extend=extend)
+    fig.colorbar(spots, ax=ax, shrink=colorbar_shrink(axes_height), pad=0.02, label=cbar_label, extend=extend)
     if labels is not None:
         from matplotlib.collections import EllipseCollection
         from sklearn.metrics import roc_auc_score
 
-        from ..tl._tumor import _labels
+        from st_from_he.tl._tumor import _labels
 
         meas = _table(sdata, measured_key, "measured")
         flags = _labels(meas, labels, measured_key)
@@ -289,20 +314,36 @@ def tumor_map(
         known, positive = ~np.isnan(state), state == 1
         diameters = np.full(int(positive.sum()), 2.1 * radius)
         rings = EllipseCollection(
-            diameters, diameters, np.zeros(len(diameters)), units="xy", offsets=xy[positive],
-            offset_transform=ax.transData, facecolors="none", edgecolors=label_color, linewidths=1.2, zorder=3,
-        )  # fmt: skip
+            diameters,
+            diameters,
+            np.zeros(len(diameters)),
+            units="xy",
+            offsets=xy[positive],
+            offset_transform=ax.transData,
+            facecolors="none",
+            edgecolors=label_color,
+            linewidths=1.2,
+            zorder=3,
+        )
         ax.add_collection(rings)
         truth = positive[known]
-        label = f"tumour label ({int(positive.sum())} spots"
+        label = f"tumor label ({int(positive.sum())} spots"
         if truth.any() and not truth.all():
             label += f", AUROC {roc_auc_score(truth, values[known]):.2f}"
-        handle = Line2D([], [], ls="none", marker="o", markersize=8, markerfacecolor="none",
-                        markeredgecolor=label_color, markeredgewidth=1.2, label=label + ")")  # fmt: skip
+        handle = Line2D(
+            [],
+            [],
+            ls="none",
+            marker="o",
+            markersize=8,
+            markerfacecolor="none",
+            markeredgecolor=label_color,
+            markeredgewidth=1.2,
+            label=label + ")",
+        )
         ax.legend(handles=[handle], loc="upper center", bbox_to_anchor=(0.5, 0.0), frameon=False)
     if title is None:
         what = "predicted" if table_key == PREDICTED_KEY else f"{table_key!r}"
         title = f"{sample}: {score_key.replace('_', ' ')} ({what})"
     ax.set_title(title)
     return finish(fig, save=save, return_fig=return_fig)
-

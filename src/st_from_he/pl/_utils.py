@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._sdata import SAMPLE_KEY, image_key
+from st_from_he._sdata import SAMPLE_KEY, image_key
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -94,7 +94,7 @@ def resolve_sample(available: Sequence[str], sample: str | None, what: str) -> s
 
 def table_samples(table: AnnData) -> np.ndarray:
     """Sample of every row of a table (the region when there is no ``obs["sample"]``)."""
-    from ..tl._evaluate import _keys
+    from st_from_he.tl._evaluate import _keys
 
     if SAMPLE_KEY in table.obs:
         return table.obs[SAMPLE_KEY].astype(str).to_numpy()
@@ -151,7 +151,7 @@ def overview_image(
 
 def spot_radius(sdata: SpatialData, table: AnnData, rows: np.ndarray, xy: np.ndarray) -> float:
     """Spot radius in full-resolution pixels: from the circles the rows annotate, else 45% of the spot spacing."""
-    from ..tl._evaluate import _keys
+    from st_from_he.tl._evaluate import _keys
 
     region_key, _ = _keys(table)
     regions = table.obs[region_key].astype(str).to_numpy()[rows]
@@ -196,9 +196,19 @@ def draw_section(
         ax.imshow(rgb, extent=extent, alpha=image_alpha, zorder=0)
     diameters = np.full(len(xy), 2 * radius)
     spots = EllipseCollection(
-        diameters, diameters, np.zeros(len(xy)), units="xy", offsets=xy, offset_transform=ax.transData,
-        cmap=cmap, norm=norm, alpha=spot_alpha, linewidths=0, zorder=2,
-    )  # fmt: skip
+        diameters,
+        diameters,
+        np.zeros(len(xy)),
+        units="xy",
+        offsets=xy,
+        offset_transform=ax.transData,
+        cmap=cmap,
+        norm=norm,
+        alpha=spot_alpha,
+        linewidths=0.4,
+        edgecolors="white",
+        zorder=2,
+    )
     if values is not None:
         spots.set_array(np.asarray(values, dtype=float))
     ax.add_collection(spots)
@@ -210,40 +220,90 @@ def draw_section(
     for side in ax.spines.values():
         side.set_visible(False)
     if scalebar:
-        add_scalebar(ax, sdata, sample, bounds)
+        add_scalebar(ax, sdata, sample, bounds, xy, radius)
     return spots
 
 
-def add_scalebar(ax: Axes, sdata: SpatialData, sample: str, bounds: tuple[float, float, float, float]) -> None:
-    """A scale bar of a round length (about a fifth of the view) when the section's resolution is known."""
+def _free_corner(xy: np.ndarray, radius: float, bounds: tuple[float, float, float, float], box: tuple[float, float]):
+    """The corner of the view (``"lower left"`` first) whose ``box`` (width, height in data units) covers fewest spots."""
+    x0, x1, y0, y1 = bounds  # y grows downwards: "lower" is y1
+    width, height = box
+    corners = {
+        "lower left": (x0, x0 + width, y1 - height, y1),
+        "lower right": (x1 - width, x1, y1 - height, y1),
+        "upper left": (x0, x0 + width, y0, y0 + height),
+        "upper right": (x1 - width, x1, y0, y0 + height),
+    }
+
+    def covered(area):
+        ax0, ax1, ay0, ay1 = area
+        inside = (xy[:, 0] + radius > ax0) & (xy[:, 0] - radius < ax1) & (xy[:, 1] + radius > ay0)
+        return int((inside & (xy[:, 1] - radius < ay1)).sum())
+
+    return min(corners, key=lambda name: covered(corners[name]))
+
+
+def add_scalebar(
+    ax: Axes,
+    sdata: SpatialData,
+    sample: str,
+    bounds: tuple[float, float, float, float],
+    xy: np.ndarray | None = None,
+    radius: float = 0.0,
+) -> None:
+    """A scale bar of a round length (about a fifth of the view) in the corner with fewest spots.
+
+    Drawn when the section's resolution is known (from its image, else its spots).
+    """
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
-    from .._sdata import pixel_size_um
+    from st_from_he._sdata import pixel_size_um, spots_key
 
-    key = image_key(sample)
-    if key not in sdata.images:
+    um = None
+    for key in (image_key(sample), spots_key(sample)):
+        if key in sdata.images or key in sdata.shapes:
+            try:
+                um = pixel_size_um(sdata, key, sample)
+                break
+            except (ValueError, KeyError):
+                continue
+    if um is None:
         return
-    try:
-        um = pixel_size_um(sdata, key, sample)
-    except (ValueError, KeyError):
-        return
-    width_um = (bounds[1] - bounds[0]) * um
-    target = width_um / 5
-    length = max(v for v in (50, 100, 200, 250, 500, 1000, 2000, 5000, 10000) if v <= max(target, 50))
+    width, height = bounds[1] - bounds[0], bounds[3] - bounds[2]
+    target = width * um / 5
+    length = max(v for v in (10, 20, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000) if v <= max(target, 10))
     label = f"{length // 1000} mm" if length >= 1000 and length % 1000 == 0 else f"{length} µm"
+    loc = (
+        "lower left"
+        if xy is None
+        else _free_corner(xy, radius, bounds, (max(1.4 * length / um, 0.2 * width), 0.1 * height))
+    )
     bar = AnchoredSizeBar(
-        ax.transData, length / um, label, "lower left", pad=0.4, sep=3, color="black", frameon=True,
-        size_vertical=(bounds[3] - bounds[2]) / 150, fontproperties={"size": 7},
-    )  # fmt: skip
+        ax.transData,
+        length / um,
+        label,
+        loc,
+        pad=0.4,
+        sep=3,
+        color="black",
+        frameon=True,
+        size_vertical=width / 120,
+        fontproperties={"size": 7},
+    )
     bar.patch.set_alpha(0.6)
     bar.patch.set_edgecolor("none")
     ax.add_artist(bar)
 
 
+def colorbar_shrink(axes_height_in: float, longest_in: float = 3.0, default: float = 0.8) -> float:
+    """Fraction of the axes height a colour bar takes: ``default``, but at most ``longest_in`` inches long."""
+    return float(min(default, longest_in / max(axes_height_in, 1e-6)))
+
+
 def spot_centres(sdata: SpatialData, table: AnnData, rows: np.ndarray) -> np.ndarray:
     """Centres (x, y in full-resolution pixels) of table ``rows``: ``obsm["spatial"]``, else the circles annotated."""
-    from .._sdata import SPATIAL_KEY
-    from ..tl._evaluate import _keys
+    from st_from_he._sdata import SPATIAL_KEY
+    from st_from_he.tl._evaluate import _keys
 
     if SPATIAL_KEY in table.obsm:
         return np.asarray(table.obsm[SPATIAL_KEY], dtype=float)[rows, :2]
@@ -253,7 +313,9 @@ def spot_centres(sdata: SpatialData, table: AnnData, rows: np.ndarray) -> np.nda
     ids = table.obs[instance_key].to_numpy()[rows]
     for region in dict.fromkeys(regions):
         if region not in sdata.shapes:
-            raise KeyError(f"Table rows annotate {region!r}, which is not a shapes element, and obsm['spatial'] is absent.")
+            raise KeyError(
+                f"Table rows annotate {region!r}, which is not a shapes element, and obsm['spatial'] is absent."
+            )
         geometry = sdata.shapes[region].geometry
         mask = regions == region
         points = geometry.loc[ids[mask]]

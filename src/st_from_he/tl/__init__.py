@@ -1,6 +1,23 @@
 """Tools: train, apply and evaluate image-to-expression models."""
 
+from ._cross_validate import cross_validate, few_shot
+from ._evaluate import evaluate
+from ._gene_correlation import gene_correlation
+from ._gene_sets import BREAST_MARKERS, TUMOR_MARKERS, gene_set
 from ._model import ExpressionModel
 from ._predict import predict_expression
+from ._tumor import evaluate_localization, score_tumor
 
-__all__ = ["ExpressionModel", "predict_expression"]
+__all__ = [
+    "BREAST_MARKERS",
+    "TUMOR_MARKERS",
+    "ExpressionModel",
+    "cross_validate",
+    "evaluate",
+    "evaluate_localization",
+    "few_shot",
+    "gene_correlation",
+    "gene_set",
+    "predict_expression",
+    "score_tumor",
+]

@@ -32,7 +32,7 @@ class RidgeProbe:
 
     def _features(self, patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
         if self.features == "handcrafted":
-            from ..models._handcrafted import handcrafted_features
+            from st_from_he.models._handcrafted import handcrafted_features
 
             return np.concatenate(
                 [handcrafted_features(patches[i : i + batch_size]) for i in range(0, len(patches), batch_size)]
@@ -44,7 +44,7 @@ class RidgeProbe:
     def _encoder_features(self, patches: np.ndarray, batch_size: int) -> np.ndarray:
         import torch
 
-        from ..models import ImageEncoder
+        from st_from_he.models import ImageEncoder
 
         if self._encoder_module is None:
             self._encoder_module = ImageEncoder(self.encoder, weights=self.encoder_weights).eval()

@@ -8,22 +8,22 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .._sdata import SAMPLE_KEY, TABLE_KEY
+from st_from_he._sdata import SAMPLE_KEY, TABLE_KEY
 
 TARGET_SUM = 1e4  # the evaluation protocol: normalize_total(1e4) then log1p
 
 
 @dataclass
 class SpotArrays:
-    """Patches and (when measured) targets of a set of spots, row-aligned."""
+    """Patches and measured targets of a set of spots, row-aligned."""
 
     patches: np.ndarray  # uint8 (n, s, 3, h, w)
     obs: pd.DataFrame  # obs of the spots (index: obs_names), with a "sample" column
-    targets: np.ndarray | None = None  # float32 (n, genes) log1p CP10k
+    targets: np.ndarray  # float32 (n, genes) log1p CP10k
 
     def subset(self, idx: np.ndarray) -> SpotArrays:
         """The spots at positions ``idx``."""
-        return SpotArrays(self.patches[idx], self.obs.iloc[idx], None if self.targets is None else self.targets[idx])
+        return SpotArrays(self.patches[idx], self.obs.iloc[idx], self.targets[idx])
 
 
 def as_list(sdata) -> list:
@@ -33,8 +33,8 @@ def as_list(sdata) -> list:
 
 def measured_targets(table, genes: Sequence[str], *, fill_missing_genes: bool = False, where: str = "") -> np.ndarray:
     """log1p(CP10k) of the model genes, normalised over ALL measured genes of each spot (the library size)."""
-    from .._validate import check_raw_counts
-    from ..pp._normalize import log_normalize
+    from st_from_he._validate import check_raw_counts
+    from st_from_he.pp._normalize import log_normalize
 
     if table.uns.get("st_from_he", {}).get("raw_counts") is False:
         raise ValueError(
@@ -60,47 +60,41 @@ def measured_targets(table, genes: Sequence[str], *, fill_missing_genes: bool = 
 
 def spot_arrays(
     sdata,
-    genes: Sequence[str] | None,
+    genes: Sequence[str],
     *,
     size_um: float,
     size_px: int,
     context: Sequence[float],
     table_key: str = TABLE_KEY,
-    shapes_key: str | None = None,
     fill_missing_genes: bool = False,
     spots: Sequence[str] | None = None,
 ) -> SpotArrays:
-    """Patches (and targets when ``genes`` is given) of the spots of one SpatialData.
+    """Patches and log-normalised targets of the measured spots (rows of ``table_key``) of one SpatialData.
 
-    ``spots`` restricts to these obs_names (few-shot training). With ``shapes_key`` the spots are that element's
-    circles (H&E-only prediction); otherwise the rows of ``table_key``.
+    ``spots`` restricts to these obs_names (few-shot training).
     """
-    from ..pp import extract_patches
+    from st_from_he.pp import extract_patches
 
-    dataset = extract_patches(
-        sdata, size_um=size_um, size_px=size_px, context=tuple(context), shapes_key=shapes_key, table_key=table_key
-    )
+    dataset = extract_patches(sdata, size_um=size_um, size_px=size_px, context=tuple(context), table_key=table_key)
     obs = pd.DataFrame({SAMPLE_KEY: np.asarray(dataset.samples).astype(str)}, index=dataset.obs_names)
     idx = np.arange(len(dataset))
     if spots is not None:
         idx = obs.index.get_indexer(list(spots))
         if (idx < 0).any():
             raise KeyError(f"Spots not found in the table: {list(np.asarray(spots)[idx < 0][:10])}.")
-    patches = np.stack([_with_scale_axis(dataset[int(i)]) for i in idx]) if len(idx) else np.zeros(
-        (0, len(context), 3, size_px, size_px), np.uint8)
-    targets = None
-    if genes is not None:
-        table = sdata.tables[table_key]
-        rows = table.obs_names.get_indexer(obs.index[idx])
-        targets = measured_targets(table, genes, fill_missing_genes=fill_missing_genes, where=f" {table_key!r}")[rows]
+    patches = dataset[idx] if len(idx) else np.zeros((0, len(context), 3, size_px, size_px), np.uint8)
+    if patches.ndim == 4:  # one context scale: give every spot its scale axis
+        patches = patches[:, None]
+    table = sdata.tables[table_key]
+    rows = table.obs_names.get_indexer(obs.index[idx])
+    targets = measured_targets(table, genes, fill_missing_genes=fill_missing_genes, where=f" {table_key!r}")[rows]
     return SpotArrays(patches, obs.iloc[idx], targets)
-
-
-def _with_scale_axis(patch: np.ndarray) -> np.ndarray:
-    return patch[None] if patch.ndim == 3 else patch
 
 
 def concat_arrays(parts: list[SpotArrays]) -> SpotArrays:
     """Row-wise concatenation of several SpotArrays."""
-    targets = None if any(p.targets is None for p in parts) else np.concatenate([p.targets for p in parts])
-    return SpotArrays(np.concatenate([p.patches for p in parts]), pd.concat([p.obs for p in parts]), targets)
+    return SpotArrays(
+        np.concatenate([p.patches for p in parts]),
+        pd.concat([p.obs for p in parts]),
+        np.concatenate([p.targets for p in parts]),
+    )

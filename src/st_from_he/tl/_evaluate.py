@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
-from .._logging import logger
-from .._sdata import INSTANCE_KEY, PREDICTED_KEY, REGION_KEY, SAMPLE_KEY, TABLE_KEY
-from .._validate import check_raw_counts
-from ._gene_sets import _check_gene_sets, select_genes
+from st_from_he._logging import logger
+from st_from_he._sdata import INSTANCE_KEY, PREDICTED_KEY, REGION_KEY, SAMPLE_KEY, TABLE_KEY, UNS_KEY
+from st_from_he._validate import check_raw_counts, is_raw_counts
+
+from ._gene_sets import _check_gene_sets, _select_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -23,10 +24,10 @@ TARGET_SUM = 1e4
 """Evaluation targets are ``log1p`` of counts scaled to this total per spot (CP10k)."""
 
 _CONSTANT_RTOL = 1e-6
+# per-gene columns and summary names a gene set must not take
 _RESERVED = frozenset(
-    {"sample", "gene", "pearson", "spearman", "mse", "mae", "constant", "mean_measured", "var_measured",
-     "mean_predicted", "zero_fraction", "spots", "genes"}
-)  # fmt: skip
+    "sample gene pearson spearman mse mae constant mean_measured var_measured mean_predicted zero_fraction spots genes".split()
+)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -86,7 +87,11 @@ def _align(pred: AnnData, meas: AnnData, predicted_key: str, measured_key: str) 
     order = np.argsort(meas_rows, kind="stable")
     pred_rows, meas_rows = pred_rows[order], meas_rows[order]
     if pred_rows.size < pred.n_obs:
-        logger.info("%d of %d predicted spots have no measured counterpart and are left out.", pred.n_obs - pred_rows.size, pred.n_obs)
+        logger.info(
+            "%d of %d predicted spots have no measured counterpart and are left out.",
+            pred.n_obs - pred_rows.size,
+            pred.n_obs,
+        )
     return pred_rows, meas_rows
 
 
@@ -105,11 +110,23 @@ def _dense(x, rows: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
 
 
 def _lognorm_rows(
-    table: AnnData, rows: np.ndarray, cols: np.ndarray | None = None, *, layer: str | None = None, where: str = "table"
+    table: AnnData,
+    rows: np.ndarray,
+    cols: np.ndarray | None = None,
+    *,
+    layer: str | None = None,
+    key: str = TABLE_KEY,
+    require_counts: bool = True,
 ) -> np.ndarray:
-    """``log1p`` CP10k of the raw counts of ``rows`` (library size over all genes), dense for ``cols`` only."""
-    x = _matrix(table, layer, where)[np.asarray(rows)]
-    check_raw_counts(x, where=f"{where}{'' if layer is None else f' layer {layer!r}'}")
+    """``log1p`` CP10k of the counts of ``rows`` (library size over all genes), dense for ``cols`` only."""
+    x = _matrix(table, layer, key)[np.asarray(rows)]
+    where = f"Table {key!r} {'X' if layer is None else f'layer {layer!r}'}"
+    if require_counts:
+        check_raw_counts(x, where=where)
+    else:
+        values = x.data if sparse.issparse(x) else np.asarray(x)
+        if values.size and (not np.all(np.isfinite(values)) or values.min() < 0):
+            raise ValueError(f"{where} holds negative, NaN or infinite values; it cannot be normalised to CP10k.")
     x = sparse.csr_matrix(x, dtype=np.float64)
     totals = np.asarray(x.sum(axis=1)).ravel()
     scale = np.divide(TARGET_SUM, totals, out=np.zeros_like(totals), where=totals > 0)
@@ -117,6 +134,29 @@ def _lognorm_rows(
     if cols is not None:
         x = x[:, np.asarray(cols)]
     return np.log1p(x.toarray())
+
+
+def _measured_expression(
+    table: AnnData,
+    rows: np.ndarray,
+    cols: np.ndarray | None = None,
+    *,
+    layer: str | None = None,
+    key: str = TABLE_KEY,
+    normalize: bool | None = None,
+) -> np.ndarray:
+    """The protocol's targets from the measured table (see ``normalize`` of :func:`evaluate`)."""
+    if normalize is False:
+        return _dense(_matrix(table, layer, key), np.asarray(rows), cols)
+    if normalize is None:
+        marked = layer is None and table.uns.get(UNS_KEY, {}).get("raw_counts") is False
+        if marked or not is_raw_counts(_matrix(table, layer, key)[np.asarray(rows)]):
+            raise ValueError(
+                f"Table {key!r} {'X' if layer is None else f'layer {layer!r}'} does not hold raw counts (it looks "
+                f"normalised or log-transformed). Targets are log1p(CP10k) of raw counts: name a layer of raw counts "
+                f"with `layer=`, or pass `normalize=False` if the values already are log1p(CP10k)."
+            )
+    return _lognorm_rows(table, rows, cols, layer=layer, key=key, require_counts=normalize is None)
 
 
 def _samples_of(table: AnnData, rows: np.ndarray) -> np.ndarray:
@@ -181,7 +221,6 @@ class _Paired:
     samples: np.ndarray  # per spot
     obs: pd.DataFrame  # per spot: sample, region, spot_id, indexed by measured obs_names
     measured_rows: np.ndarray
-    zero_fraction: np.ndarray  # per gene over all paired spots: fraction of spots with zero counts
 
     def rows_of(self, sample: str) -> np.ndarray:
         return np.flatnonzero(self.samples == sample)
@@ -194,6 +233,7 @@ def _paired(
     *,
     genes: Sequence[str] | None = None,
     layer: str | None = None,
+    normalize: bool | None = None,
 ) -> _Paired:
     pred = _predicted_table(sdata, predicted_key)
     meas = _measured_table(sdata, measured_key)
@@ -213,13 +253,17 @@ def _paired(
             )
         shared = wanted
     elif len(shared) < pred.n_vars:
-        logger.info("%d of %d predicted genes are not measured and are left out.", pred.n_vars - len(shared), pred.n_vars)
+        logger.info(
+            "%d of %d predicted genes are not measured and are left out.", pred.n_vars - len(shared), pred.n_vars
+        )
     pred_rows, meas_rows = _align(pred, meas, predicted_key, measured_key)
     predicted = _dense(_matrix(pred, None, predicted_key), pred_rows, pred.var_names.get_indexer(shared))
     if not np.all(np.isfinite(predicted)):
-        raise ValueError(f"Table {predicted_key!r} holds NaN or infinite predictions for the evaluated spots and genes.")
+        raise ValueError(
+            f"Table {predicted_key!r} holds NaN or infinite predictions for the evaluated spots and genes."
+        )
     cols = meas.var_names.get_indexer(shared)
-    measured = _lognorm_rows(meas, meas_rows, cols, layer=layer, where=f"table {measured_key!r}")
+    measured = _measured_expression(meas, meas_rows, cols, layer=layer, key=measured_key, normalize=normalize)
     region_key, instance_key = _keys(meas)
     samples = _samples_of(meas, meas_rows)
     obs = pd.DataFrame(
@@ -230,7 +274,7 @@ def _paired(
         },
         index=pd.Index(meas.obs_names[meas_rows].astype(str), name=None),
     )
-    return _Paired(predicted, measured, shared, samples, obs, meas_rows, (measured == 0).mean(axis=0))
+    return _Paired(predicted, measured, shared, samples, obs, meas_rows)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -246,6 +290,7 @@ def evaluate(
     markers: Sequence[str] | None = None,
     per: Literal["sample", "all"] = "sample",
     layer: str | None = None,
+    normalize: bool | None = None,
     key_added: str = "evaluation",
 ) -> dict[str, pd.DataFrame]:
     """Score predicted against measured expression with the package's evaluation protocol.
@@ -289,6 +334,11 @@ def evaluate(
         named ``"all"``.
     layer
         Layer of the measured table holding raw counts; ``None`` uses ``X``.
+    normalize
+        How the measured values become targets. ``None`` (default): ``log1p`` CP10k of raw counts, and an error if
+        the values are not raw counts (e.g. a table attached from log-normalised data). ``True``: normalise whatever
+        non-negative values there are. ``False``: take the values as they are; they must already be ``log1p`` CP10k
+        for MSE and MAE to mean what they say (correlations are unchanged by per-gene linear scaling).
     key_added
         Key under which the results are stored in the prediction table's ``uns``.
 
@@ -330,14 +380,18 @@ def evaluate(
         raise ValueError(f"`per` must be 'sample' or 'all', got {per!r}.")
     if n_genes < 1:
         raise ValueError(f"`n_genes` must be a positive number of genes, got {n_genes}.")
-    paired = _paired(sdata, predicted_key, measured_key, layer=layer)
+    paired = _paired(sdata, predicted_key, measured_key, layer=layer, normalize=normalize)
     genes = paired.genes
     meas_table = _measured_table(sdata, measured_key)
     logger.info(
         "Evaluating %d genes shared by %r (%d genes) and %r (%d genes) on %d spots.",
-        len(genes), predicted_key, _predicted_table(sdata, predicted_key).n_vars, measured_key, meas_table.n_vars,
+        len(genes),
+        predicted_key,
+        _predicted_table(sdata, predicted_key).n_vars,
+        measured_key,
+        meas_table.n_vars,
         len(paired.samples),
-    )  # fmt: skip
+    )
     groups = ["all"] if per == "all" else list(dict.fromkeys(paired.samples))
 
     per_gene, summary, per_spot = [], [], []
@@ -345,7 +399,9 @@ def evaluate(
         rows = np.arange(len(paired.samples)) if per == "all" else paired.rows_of(group)
         p, m = paired.predicted[rows], paired.measured[rows]
         if len(rows) < 3:
-            logger.warning("Section %r has only %d matched spots; its correlations are not meaningful.", group, len(rows))
+            logger.warning(
+                "Section %r has only %d matched spots; its correlations are not meaningful.", group, len(rows)
+            )
         pearson, constant = _pearson(p, m)
         df = pd.DataFrame(
             {
@@ -365,7 +421,7 @@ def evaluate(
         row = {"n_spots": len(rows), "n_genes": len(genes), "n_constant": int(constant.sum())}
         for name, explicit in sets.items():
             if explicit is None:
-                chosen = select_genes(name, m, genes, n_genes=n_genes, markers=markers)
+                chosen = _select_genes(name, m, genes, n_genes=n_genes, markers=markers)
             else:
                 chosen = [g for g in explicit if g in set(genes)]
             if not chosen:
@@ -375,7 +431,7 @@ def evaluate(
             row[f"n_{name}"] = len(chosen)
         spot_r, _ = _pearson(p, m, axis=1)
         row["spot_pcc"] = float(spot_r.mean())
-        heg = np.asarray(select_genes("heg", m, list(range(len(genes))), n_genes=n_genes), dtype=int)
+        heg = np.asarray(_select_genes("heg", m, list(range(len(genes))), n_genes=n_genes), dtype=int)
         row["preservation"] = _preservation(_corrcoef(m[:, heg]), _corrcoef(p[:, heg]))[0]
         per_gene.append(df)
         summary.append(pd.Series(row, name=group))
@@ -396,11 +452,14 @@ def evaluate(
         "predicted_key": predicted_key,
         "measured_key": measured_key,
         "gene_sets": list(sets),
+        "custom_gene_sets": {name: list(genes) for name, genes in sets.items() if genes is not None},
         "n_genes": int(n_genes),
         "markers": list(markers) if markers is not None else list(_default_markers()),
         "per": per,
         "layer": "X" if layer is None else layer,
-        "target": "log1p(normalize_total(1e4)) of measured raw counts",
+        "target": "measured values as given"
+        if normalize is False
+        else "log1p(normalize_total(1e4)) of the measured values",
     }
     table = _predicted_table(sdata, predicted_key)
     if key_added in table.uns:

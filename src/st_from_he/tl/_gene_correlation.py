@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .._logging import logger
-from .._sdata import PREDICTED_KEY, TABLE_KEY
+from st_from_he._logging import logger
+from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY
+
 from ._evaluate import _corrcoef, _paired, _predicted_table, _preservation
-from ._gene_sets import GENE_SETS, select_genes
+from ._gene_sets import GENE_SETS, _select_genes
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -27,7 +28,9 @@ def _resolve_sample(paired_samples: np.ndarray, sample: str | None, predicted_ke
             )
         return present[0]
     if sample not in present:
-        raise KeyError(f"No evaluated spots of sample {sample!r}; samples with predicted and measured spots: {present}.")
+        raise KeyError(
+            f"No evaluated spots of sample {sample!r}; samples with predicted and measured spots: {present}."
+        )
     return sample
 
 
@@ -41,21 +44,22 @@ def _gene_correlation(
     n_genes: int,
     markers: Sequence[str] | None = None,
     layer: str | None = None,
+    normalize: bool | None = None,
 ) -> dict[str, Any]:
     """Compute the result of :func:`gene_correlation` without storing it."""
     if isinstance(genes, str):
         if genes not in GENE_SETS:
             raise ValueError(f"Unknown gene set {genes!r}; give one of {list(GENE_SETS)} or a list of genes.")
-        paired = _paired(sdata, predicted_key, measured_key, layer=layer)
+        paired = _paired(sdata, predicted_key, measured_key, layer=layer, normalize=normalize)
         sample = _resolve_sample(paired.samples, sample, predicted_key)
         rows = paired.rows_of(sample)
-        chosen = select_genes(genes, paired.measured[rows], paired.genes, n_genes=n_genes, markers=markers)
+        chosen = _select_genes(genes, paired.measured[rows], paired.genes, n_genes=n_genes, markers=markers)
         cols = [paired.genes.index(g) for g in chosen]
         measured, predicted = paired.measured[np.ix_(rows, cols)], paired.predicted[np.ix_(rows, cols)]
         gene_set = genes
     else:
         chosen = list(dict.fromkeys(map(str, genes)))
-        paired = _paired(sdata, predicted_key, measured_key, genes=chosen, layer=layer)
+        paired = _paired(sdata, predicted_key, measured_key, genes=chosen, layer=layer, normalize=normalize)
         sample = _resolve_sample(paired.samples, sample, predicted_key)
         rows = paired.rows_of(sample)
         measured, predicted = paired.measured[rows], paired.predicted[rows]
@@ -85,6 +89,7 @@ def gene_correlation(
     n_genes: int = 50,
     markers: Sequence[str] | None = None,
     layer: str | None = None,
+    normalize: bool | None = None,
     key_added: str = "gene_correlation",
 ) -> dict[str, Any]:
     """Compare the gene-gene correlation structure of predicted and measured expression in one section.
@@ -115,6 +120,10 @@ def gene_correlation(
         Marker genes of the ``"markers"`` set; default :data:`~st_from_he.tl.BREAST_MARKERS`.
     layer
         Layer of the measured table holding raw counts; ``None`` uses ``X``.
+    normalize
+        How measured values become targets: ``None`` normalises raw counts to ``log1p`` CP10k and refuses other
+        values, ``True`` normalises any non-negative values, ``False`` takes them as they are (see
+        :func:`~st_from_he.tl.evaluate`).
     key_added
         Key in the prediction table's ``uns`` under which results are stored, per section.
 
@@ -141,15 +150,25 @@ def gene_correlation(
     >>> sdata.tables["predicted_expression"].uns["gene_correlation"]["C5"]["preservation"]  # doctest: +SKIP
     """
     result = _gene_correlation(
-        sdata, genes=genes, predicted_key=predicted_key, measured_key=measured_key, sample=sample, n_genes=n_genes,
-        markers=markers, layer=layer,
-    )  # fmt: skip
+        sdata,
+        genes=genes,
+        predicted_key=predicted_key,
+        measured_key=measured_key,
+        sample=sample,
+        n_genes=n_genes,
+        markers=markers,
+        layer=layer,
+        normalize=normalize,
+    )
     table = _predicted_table(sdata, predicted_key)
     stored = dict(table.uns.get(key_added, {}))
     stored[result["sample"]] = {**result, "params": {"n_genes": int(n_genes), "measured_key": measured_key}}
     table.uns[key_added] = stored
     logger.info(
         "%s: gene-gene correlation preservation %.3f over %d genes (mean |difference| %.3f).",
-        result["sample"], result["preservation"], len(result["measured"]), result["mean_abs_diff"],
-    )  # fmt: skip
+        result["sample"],
+        result["preservation"],
+        len(result["measured"]),
+        result["mean_abs_diff"],
+    )
     return result

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._sdata import PREDICTED_KEY, TABLE_KEY
+from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -46,11 +46,11 @@ def _check_gene_sets(gene_sets) -> dict[str, Sequence[str] | None]:
             f"e.g. `gene_sets={{'heg': None, 'immune': ['PTPRC', 'CD74']}}`."
         )
     if not out:
-        raise ValueError("`gene_sets` is empty; give at least one of " f"{list(GENE_SETS)} or a mapping to gene lists.")
+        raise ValueError(f"`gene_sets` is empty; give at least one of {list(GENE_SETS)} or a mapping to gene lists.")
     return out
 
 
-def top_genes(expression: np.ndarray, genes: Sequence[str], n_genes: int, *, by: str) -> list[str]:
+def _top_genes(expression: np.ndarray, genes: Sequence[str], n_genes: int, *, by: str) -> list[str]:
     """The ``n_genes`` genes with the highest mean (``by="mean"``) or variance (``by="var"``) across spots.
 
     ``expression`` is spots x genes log-normalised expression; ties are broken by the order of ``genes``.
@@ -68,7 +68,7 @@ def top_genes(expression: np.ndarray, genes: Sequence[str], n_genes: int, *, by:
     return [str(genes[i]) for i in order]
 
 
-def select_genes(
+def _select_genes(
     name: str,
     expression: np.ndarray,
     genes: Sequence[str],
@@ -84,9 +84,9 @@ def select_genes(
     - ``"all"``: every gene.
     """
     if name == "heg":
-        return top_genes(expression, genes, n_genes, by="mean")
+        return _top_genes(expression, genes, n_genes, by="mean")
     if name == "hvg":
-        return top_genes(expression, genes, n_genes, by="var")
+        return _top_genes(expression, genes, n_genes, by="var")
     if name == "markers":
         present = set(map(str, genes))
         return [g for g in dict.fromkeys(BREAST_MARKERS if markers is None else markers) if g in present]
@@ -105,6 +105,7 @@ def gene_set(
     genes: Sequence[str] | str | None = PREDICTED_KEY,
     measured_key: str = TABLE_KEY,
     layer: str | None = None,
+    normalize: bool | None = None,
 ) -> list[str]:
     """Choose a gene set of the evaluation protocol on a section's measured expression.
 
@@ -132,6 +133,10 @@ def gene_set(
         Table of measured raw counts.
     layer
         Layer of the measured table holding raw counts; ``None`` uses ``X``.
+    normalize
+        How measured values become targets: ``None`` normalises raw counts to ``log1p`` CP10k and refuses other
+        values, ``True`` normalises any non-negative values, ``False`` takes them as they are (see
+        :func:`~st_from_he.tl.evaluate`).
 
     Returns
     -------
@@ -141,11 +146,14 @@ def gene_set(
     --------
     >>> import st_from_he as sth
     >>> sdata = sth.datasets.her2st(["C6"])
-    >>> sth.tl.gene_set(sdata, "hvg", n_genes=10, genes=None)[:3]  # doctest: +SKIP
-    ['IGKC', 'IGHG3', 'IGLC2']
+    >>> sth.tl.gene_set(sdata, "heg", n_genes=3, genes=None)  # any measured gene  # doctest: +SKIP
+    ['IGKC', 'ERBB2', 'IGLC2']
+    >>> sth.tl.gene_set(sdata, "hvg", n_genes=3, genes=None)  # doctest: +SKIP
+    ['SCGB2A2', 'CEACAM6', 'KRT86']
     """
-    from .._sdata import SAMPLE_KEY, samples, table_rows
-    from ._evaluate import _lognorm_rows, _measured_table
+    from st_from_he._sdata import SAMPLE_KEY, samples, table_rows
+
+    from ._evaluate import _measured_expression, _measured_table
 
     table = _measured_table(sdata, measured_key)
 
@@ -168,11 +176,13 @@ def gene_set(
             genes = None
         else:
             genes = list(sdata.tables[genes].var_names)
-    candidates = list(table.var_names) if genes is None else [g for g in dict.fromkeys(map(str, genes)) if g in table.var_names]
+    candidates = (
+        list(table.var_names) if genes is None else [g for g in dict.fromkeys(map(str, genes)) if g in table.var_names]
+    )
     if not candidates:
         raise ValueError(f"None of the candidate genes is measured in table {measured_key!r}.")
     if name in ("markers", "all"):
-        return select_genes(name, np.empty((0, len(candidates))), candidates, n_genes=n_genes, markers=markers)
+        return _select_genes(name, np.empty((0, len(candidates))), candidates, n_genes=n_genes, markers=markers)
     cols = table.var_names.get_indexer(candidates)
-    expression = _lognorm_rows(table, rows, cols, layer=layer, where=f"table {measured_key!r}")
-    return select_genes(name, expression, candidates, n_genes=n_genes, markers=markers)
+    expression = _measured_expression(table, rows, cols, layer=layer, key=measured_key, normalize=normalize)
+    return _select_genes(name, expression, candidates, n_genes=n_genes, markers=markers)

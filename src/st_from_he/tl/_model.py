@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .._logging import logger, timed
-from .._sdata import TABLE_KEY
-from .._settings import settings
+from st_from_he._logging import logger, timed
+from st_from_he._sdata import TABLE_KEY
+from st_from_he._settings import settings
+
 from ._data import SpotArrays, as_list, concat_arrays, spot_arrays
 from ._presets import BASELINE_PRESETS, NEURAL_PRESETS, check_preset
 
@@ -74,13 +75,17 @@ class ExpressionModel:
         self.genes = genes
         self.preset = check_preset(preset)
         if preset in NEURAL_PRESETS:
-            from ..models import ModelConfig
+            from st_from_he.models import ModelConfig
 
             params = NEURAL_PRESETS[preset] | config
             if size_um is not None:
                 params["patch_um"] = size_um
             self.config = ModelConfig(**params)
-            self.size_um, self.size_px, self.context = self.config.patch_um, self.config.img_size, self.config.context_scales
+            self.size_um, self.size_px, self.context = (
+                self.config.patch_um,
+                self.config.img_size,
+                self.config.context_scales,
+            )
         else:
             unknown = set(config) - {"context_scales", "img_size", "encoder", "encoder_weights"}
             if unknown:
@@ -109,20 +114,38 @@ class ExpressionModel:
 
     def __repr__(self) -> str:
         state = "fitted" if self.is_fitted else "not fitted"
-        return (f"ExpressionModel(preset={self.preset!r}, n_genes={len(self.genes)}, size_um={self.size_um:g}, "
-                f"size_px={self.size_px}, context={self.context}, {state})")
+        return (
+            f"ExpressionModel(preset={self.preset!r}, n_genes={len(self.genes)}, size_um={self.size_um:g}, "
+            f"size_px={self.size_px}, context={self.context}, {state})"
+        )
 
     # -- training --------------------------------------------------------------------------------------------------
 
-    def _arrays(self, sdata, *, table_key, shapes_key=None, genes=True, fill_missing_genes=False, spots=None):
-        parts = [
-            spot_arrays(s, self.genes if genes else None, size_um=self.size_um, size_px=self.size_px,
-                        context=self.context, table_key=table_key, shapes_key=shapes_key,
-                        fill_missing_genes=fill_missing_genes, spots=None if spots is None else
-                        [x for x in spots if x in set(s.tables[table_key].obs_names)])
-            for s in as_list(sdata)
-        ]
-        return concat_arrays(parts)
+    def _arrays(self, sdata, *, table_key, fill_missing_genes=False, spots=None) -> SpotArrays:
+        parts = []
+        for s in as_list(sdata):
+            if table_key not in s.tables:
+                raise KeyError(f"No table {table_key!r} of measured counts to train on; tables: {list(s.tables)}.")
+            names = s.tables[table_key].obs_names
+            chosen = None if spots is None else names[names.isin(spots)]
+            parts.append(
+                spot_arrays(
+                    s,
+                    self.genes,
+                    size_um=self.size_um,
+                    size_px=self.size_px,
+                    context=self.context,
+                    table_key=table_key,
+                    fill_missing_genes=fill_missing_genes,
+                    spots=chosen,
+                )
+            )
+        data = concat_arrays(parts)
+        if spots is not None:
+            unknown = pd.Index(spots).difference(data.obs.index)
+            if len(unknown):
+                raise KeyError(f"{len(unknown)} of `spots` are not in the training tables: {list(unknown[:10])}.")
+        return data
 
     def fit(
         self,
@@ -130,7 +153,6 @@ class ExpressionModel:
         *,
         table_key: str = TABLE_KEY,
         max_epochs: int | None = None,
-        max_steps: int = -1,
         batch_size: int | None = None,
         lr: float | None = None,
         val_fraction: float = 0.1,
@@ -153,8 +175,6 @@ class ExpressionModel:
             Table holding the measured raw counts.
         max_epochs
             Training epochs (neural presets); default: the preset's.
-        max_steps
-            Stop after this many optimiser steps (``-1``: no limit); for quick trials.
         batch_size
             Spots per batch (the contrastive loss's negatives); default: the preset's (64).
         lr
@@ -182,10 +202,7 @@ class ExpressionModel:
         -------
         The fitted model itself; :attr:`history` holds per-epoch losses (neural presets).
         """
-        import lightning as L
-
         progress_bar = settings.progress_bar if progress_bar is None else progress_bar
-        L.seed_everything(seed, workers=True, verbose=False)
         with timed(f"Cutting training patches ({self.size_um:g} um, {self.size_px} px, context {self.context})"):
             data = self._arrays(sdata, table_key=table_key, fill_missing_genes=fill_missing_genes, spots=spots)
         if len(data.patches) < 2:
@@ -200,21 +217,51 @@ class ExpressionModel:
         if not self.is_neural:
             from ._baselines import RidgeProbe
 
+            # closed form: every spot is used (no early stopping to validate)
+            self.training_info |= {"n_train_spots": len(data.patches), "n_val_spots": 0}
             with timed(f"Fitting the {self.preset!r} baseline on {len(data.patches)} spots"):
-                self._probe = RidgeProbe(self.config["features"], self.config.get("encoder", "resnet18"),
-                                         self.config.get("encoder_weights"))
+                self._probe = RidgeProbe(
+                    self.config["features"], self.config.get("encoder", "resnet18"), self.config.get("encoder_weights")
+                )
                 self._probe.fit(data.patches, data.targets)
             return self
-        self._fit_neural(data, train_idx, val_idx, max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size,
-                         lr=lr, accelerator=accelerator, devices=devices, seed=seed, patience=patience,
-                         progress_bar=progress_bar)
+        self._fit_neural(
+            data,
+            train_idx,
+            val_idx,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            accelerator=accelerator,
+            devices=devices,
+            seed=seed,
+            patience=patience,
+            progress_bar=progress_bar,
+        )
         return self
 
-    def _fit_neural(self, data: SpotArrays, train_idx, val_idx, *, max_epochs, max_steps, batch_size, lr, accelerator,
-                    devices, seed, patience, progress_bar) -> None:
-        from ..models import ExpressionModule
+    def _fit_neural(
+        self,
+        data: SpotArrays,
+        train_idx,
+        val_idx,
+        *,
+        max_epochs,
+        batch_size,
+        lr,
+        accelerator,
+        devices,
+        seed,
+        patience,
+        progress_bar,
+    ) -> None:
+        import lightning as L
+
+        from st_from_he.models import ExpressionModule
+
         from ._training import train
 
+        L.seed_everything(seed, workers=True, verbose=False)
         if lr is not None:
             self.config.lr = lr
         if batch_size is not None:
@@ -227,8 +274,13 @@ class ExpressionModel:
                 module,
                 (data.patches[train_idx], data.targets[train_idx]),
                 (data.patches[val_idx], data.targets[val_idx]),
-                max_epochs=self.config.max_epochs, batch_size=self.config.batch_size, accelerator=accelerator,
-                devices=devices, seed=seed, progress_bar=progress_bar, patience=patience, max_steps=max_steps,
+                max_epochs=self.config.max_epochs,
+                batch_size=self.config.batch_size,
+                accelerator=accelerator,
+                devices=devices,
+                seed=seed,
+                progress_bar=progress_bar,
+                patience=patience,
             )
         module = module.cpu()
         self.training_info["best_epoch"] = best_epoch
@@ -243,10 +295,12 @@ class ExpressionModel:
         import torch
 
         with torch.inference_mode():
-            return np.concatenate([
-                self._module.embed_expression(torch.from_numpy(expression[i : i + batch_size])).numpy()
-                for i in range(0, len(expression), batch_size)
-            ])
+            return np.concatenate(
+                [
+                    self._module.embed_expression(torch.from_numpy(expression[i : i + batch_size])).numpy()
+                    for i in range(0, len(expression), batch_size)
+                ]
+            )
 
     def _choose_blend(self, val: SpotArrays) -> float | None:
         """Weight of the regression head vs retrieval maximising the mean per-gene PCC on validation spots."""
@@ -258,10 +312,15 @@ class ExpressionModel:
         weights = np.linspace(0, 1, 11)
         scores = [_mean_pcc(w * regression + (1 - w) * retrieval, val.targets) for w in weights]
         best = float(weights[int(np.nanargmax(scores))])
-        self.training_info["blend_scores"] = dict(zip(weights.round(2).tolist(), np.round(scores, 4).tolist(),
-                                                      strict=True))
-        logger.info("Blend of regression and retrieval chosen on %d validation spots: %.1f (val PCC %.3f)",
-                    len(val.patches), best, max(scores))
+        self.training_info["blend_scores"] = dict(
+            zip(weights.round(2).tolist(), np.round(scores, 4).tolist(), strict=True)
+        )
+        logger.info(
+            "Blend of regression and retrieval chosen on %d validation spots: %.1f (val PCC %.3f)",
+            len(val.patches),
+            best,
+            max(scores),
+        )
         return best
 
     # -- prediction ------------------------------------------------------------------------------------------------
@@ -274,7 +333,8 @@ class ExpressionModel:
         """Regression and retrieval predictions and image embeddings of indexable uint8 patches, in batches."""
         import torch
 
-        from ..models import retrieve
+        from st_from_he.models import retrieve
+
         from ._training import normalise_images, resolve_device, set_threads
 
         set_threads()
@@ -294,8 +354,9 @@ class ExpressionModel:
                 if module.regression is not None:
                     regression.append(module.regression(emb).float().cpu().numpy())
                 if bank is not None:
-                    retrieval.append(retrieve(emb, bank["embedding"], bank["expression"], k=self.config.top_k)
-                                     .float().cpu().numpy())
+                    retrieval.append(
+                        retrieve(emb, bank["embedding"], bank["expression"], k=self.config.top_k).float().cpu().numpy()
+                    )
         module.cpu()
         cat = lambda parts: np.concatenate(parts).astype(np.float32) if parts else None  # noqa: E731
         return cat(regression), cat(retrieval), cat(embeddings)
@@ -324,12 +385,15 @@ class ExpressionModel:
         self._check_fitted()
         progress_bar = settings.progress_bar if progress_bar is None else progress_bar
         if not self.is_neural:
-            outs = [self._probe.predict(_stack(patches, i, min(i + batch_size, len(patches))))
-                    for i in tqdm(range(0, len(patches), batch_size), disable=not progress_bar, desc="Predicting")]
+            outs = [
+                self._probe.predict(_stack(patches, i, min(i + batch_size, len(patches))))
+                for i in tqdm(range(0, len(patches), batch_size), disable=not progress_bar, desc="Predicting")
+            ]
             return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
         device = self.device if device is None else device
-        regression, retrieval, embeddings = self._predict_parts(patches, device=device, batch_size=batch_size,
-                                                                progress_bar=progress_bar)
+        regression, retrieval, embeddings = self._predict_parts(
+            patches, device=device, batch_size=batch_size, progress_bar=progress_bar
+        )
         if retrieval is None:
             return regression, embeddings
         if regression is None:
@@ -356,7 +420,7 @@ class ExpressionModel:
         -------
         The path written.
         """
-        from .. import __version__
+        from st_from_he import __version__
 
         self._check_fitted()
         path = Path(path)
@@ -426,17 +490,24 @@ class ExpressionModel:
         try:
             meta = json.loads((path / _CONFIG_FILE).read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{str(path)!r} is not a readable st_from_he model: {_CONFIG_FILE} is missing or "
-                             f"corrupt ({err}).") from err
+            raise ValueError(
+                f"{str(path)!r} is not a readable st_from_he model: {_CONFIG_FILE} is missing or corrupt ({err})."
+            ) from err
         required = {"format", "preset", "genes", "size_um", "config", "context"}
         if not required <= set(meta) or meta["format"] != _FORMAT:
-            raise ValueError(f"{str(path)!r} has an incompatible model format (keys {sorted(meta)}, format "
-                             f"{meta.get('format')}, expected {_FORMAT}); re-save it with this version.")
+            raise ValueError(
+                f"{str(path)!r} has an incompatible model format (keys {sorted(meta)}, format "
+                f"{meta.get('format')}, expected {_FORMAT}); re-save it with this version."
+            )
         config = dict(meta["config"])
         if meta["preset"] in NEURAL_PRESETS:
             config["encoder_weights"] = None  # the trained weights below replace any initial weights
-        model = cls(meta["genes"], preset=meta["preset"], size_um=meta["size_um"],
-                    **{k: v for k, v in config.items() if k not in ("features", "patch_um")})
+        model = cls(
+            meta["genes"],
+            preset=meta["preset"],
+            size_um=meta["size_um"],
+            **{k: v for k, v in config.items() if k not in ("features", "patch_um")},
+        )
         model.blend = meta.get("blend")
         model.training_info = meta.get("training", {})
         model.history = None if meta.get("history") is None else pd.DataFrame(meta["history"])
@@ -448,21 +519,23 @@ class ExpressionModel:
             from safetensors import SafetensorError
             from safetensors.torch import load_file
 
-            from ..models import ExpressionModule
+            from st_from_he.models import ExpressionModule
 
             module = ExpressionModule(model.config, n_genes=len(model.genes))
             try:
                 module.load_state_dict(load_file(path / _WEIGHTS_FILE))
             except (OSError, RuntimeError, SafetensorError) as err:
-                raise ValueError(f"{str(path)!r}: the weights do not fit the saved configuration or are corrupt "
-                                 f"({str(err)[:300]}).") from err
+                raise ValueError(
+                    f"{str(path)!r}: the weights do not fit the saved configuration or are corrupt ({str(err)[:300]})."
+                ) from err
             model._module = module.eval()
             model._bank = arrays or None
         else:
             from ._baselines import RidgeProbe
 
-            model._probe = RidgeProbe(model.config["features"], model.config.get("encoder", "resnet18"),
-                                      model.config.get("encoder_weights")).set_state(arrays)
+            model._probe = RidgeProbe(
+                model.config["features"], model.config.get("encoder", "resnet18"), model.config.get("encoder_weights")
+            ).set_state(arrays)
         model.device = device
         return model
 
@@ -491,7 +564,9 @@ def _split(data: SpotArrays, val_fraction: float, val_sections, seed: int) -> tu
         samples = data.obs["sample"].to_numpy()
         unknown = set(val_sections) - set(samples)
         if unknown:
-            raise ValueError(f"`val_sections` {sorted(unknown)} are not among the training samples {sorted(set(samples))}.")
+            raise ValueError(
+                f"`val_sections` {sorted(unknown)} are not among the training samples {sorted(set(samples))}."
+            )
         is_val = np.isin(samples, list(val_sections))
         if is_val.all():
             raise ValueError("`val_sections` covers every training section; keep at least one for training.")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from .._logging import logger, timed
-from .._sdata import INSTANCE_KEY, PREDICTED_KEY, REGION_KEY, SAMPLE_KEY, SPATIAL_KEY, TABLE_KEY
-from .._settings import settings
+from st_from_he._logging import logger, timed
+from st_from_he._sdata import INSTANCE_KEY, PREDICTED_KEY, REGION_KEY, SAMPLE_KEY, SPATIAL_KEY, TABLE_KEY
+from st_from_he._settings import settings
 
 
 def predict_expression(
@@ -73,17 +73,20 @@ def predict_expression(
     import anndata as ad
     from spatialdata.models import TableModel
 
-    from ..pp import extract_patches
+    from st_from_he.pp import extract_patches
 
     progress_bar = settings.progress_bar if progress_bar is None else progress_bar
     if key_added in sdata.tables and not overwrite:
         raise KeyError(f"Table {key_added!r} exists; pass `overwrite=True` or choose another `key_added`.")
     if key_added == table_key and shapes_key is None:
-        raise ValueError(f"`key_added` must differ from the measured table {table_key!r}: measured data are never "
-                         f"overwritten.")
+        raise ValueError(
+            f"`key_added` must differ from the measured table {table_key!r}: measured data are never overwritten."
+        )
     if shapes_key is None and table_key not in sdata.tables:
-        raise KeyError(f"No table {table_key!r} to take spots from; for an H&E-only slide make pseudo-spots with "
-                       f"`sth.pp.spot_grid` and pass their `shapes_key`.")
+        raise KeyError(
+            f"No table {table_key!r} to take spots from; for an H&E-only slide make pseudo-spots with "
+            f"`sth.pp.spot_grid` and pass their `shapes_key`."
+        )
     if model is None:
         if reference is None:
             raise ValueError("Pass a fitted `model`, or `reference=` sections to train a default model on.")
@@ -93,20 +96,33 @@ def predict_expression(
     if not model.is_fitted:
         raise RuntimeError("The model is not fitted; call `model.fit(train)` first.")
 
-    patches = extract_patches(sdata, size_um=model.size_um, size_px=model.size_px, context=tuple(model.context),
-                              shapes_key=shapes_key, table_key=table_key)
+    patches = extract_patches(
+        sdata,
+        size_um=model.size_um,
+        size_px=model.size_px,
+        context=tuple(model.context),
+        shapes_key=shapes_key,
+        table_key=table_key,
+    )
     with timed(f"Predicting {len(model.genes)} genes at {len(patches)} spots"):
-        expression, embeddings = model.predict_patches(patches, device=device, batch_size=batch_size,
-                                                       progress_bar=progress_bar)
+        expression, embeddings = model.predict_patches(
+            patches, device=device, batch_size=batch_size, progress_bar=progress_bar
+        )
     obs = _spot_obs(sdata, patches, table_key=table_key, shapes_key=shapes_key)
     table = ad.AnnData(X=expression, obs=obs, var=pd.DataFrame(index=pd.Index(model.genes, name=None)))
     table.obsm[SPATIAL_KEY] = np.asarray(patches.spatial, dtype=float)
     table.obsm["X_he"] = embeddings
     table.uns["predict_expression"] = {
         "params": {"table_key": table_key, "shapes_key": shapes_key, "batch_size": batch_size},
-        "model": {"preset": model.preset, "n_genes": len(model.genes), "size_um": model.size_um,
-                  "size_px": model.size_px, "context": list(model.context), "blend": model.blend,
-                  "trained_on": list(model.training_info.get("samples", []))},
+        "model": {
+            "preset": model.preset,
+            "n_genes": len(model.genes),
+            "size_um": model.size_um,
+            "size_px": model.size_px,
+            "context": list(model.context),
+            "blend": model.blend,
+            "trained_on": list(model.training_info.get("samples", [])),
+        },
         "units": "log1p(counts per 10,000)",
     }
     regions = list(dict.fromkeys(obs[REGION_KEY].astype(str)))
@@ -122,8 +138,11 @@ def _spot_obs(sdata, patches, *, table_key: str, shapes_key: str | None) -> pd.D
         obs = measured.loc[names, [SAMPLE_KEY, REGION_KEY, INSTANCE_KEY]].copy()
     else:
         obs = pd.DataFrame(
-            {SAMPLE_KEY: np.asarray(patches.samples).astype(str), REGION_KEY: shapes_key,
-             INSTANCE_KEY: sdata.shapes[shapes_key].index.to_numpy()},
+            {
+                SAMPLE_KEY: np.asarray(patches.samples).astype(str),
+                REGION_KEY: shapes_key,
+                INSTANCE_KEY: sdata.shapes[shapes_key].index.to_numpy(),
+            },
             index=names,
         )
     for key in (SAMPLE_KEY, REGION_KEY):
@@ -132,7 +151,8 @@ def _spot_obs(sdata, patches, *, table_key: str, shapes_key: str | None) -> pd.D
 
 
 def _default_model(reference, *, table_key: str):
-    from ..pp import select_genes
+    from st_from_he.pp import select_genes
+
     from ._data import as_list
     from ._model import ExpressionModel
 

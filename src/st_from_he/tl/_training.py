@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import numpy as np
 import pandas as pd
 
-from .._settings import settings
+from st_from_he._settings import settings
+
 
 def resolve_device(device: str = "auto") -> str:
     """``"auto"`` -> ``"cuda"`` if available, else ``"mps"``, else ``"cpu"``."""
@@ -64,9 +66,8 @@ def _make_callbacks(patience: int | None):
         def __init__(self):
             self.rows: list[dict] = []
 
-        def on_validation_epoch_end(self, trainer, pl_module):
-            if trainer.sanity_checking:
-                return
+        def on_train_epoch_end(self, trainer, pl_module):
+            # runs after the epoch's validation, so both train_* and val_* are final here
             row = {"epoch": trainer.current_epoch}
             row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train_", "val_"))}
             self.rows.append(row)
@@ -87,7 +88,9 @@ def _make_callbacks(patience: int | None):
 
     callbacks = [History(), BestWeights()]
     if patience:
-        callbacks.append(L.pytorch.callbacks.EarlyStopping("val_loss", patience=patience, mode="min"))
+        callbacks.append(
+            L.pytorch.callbacks.EarlyStopping("val_loss", patience=patience, mode="min", check_on_train_epoch_end=False)
+        )
     return callbacks
 
 
@@ -103,7 +106,6 @@ def train(
     seed: int,
     progress_bar: bool,
     patience: int | None,
-    max_steps: int = -1,
 ) -> tuple[pd.DataFrame, int]:
     """Fit ``module`` and load its best weights; returns the history and the best epoch."""
     import lightning as L
@@ -122,7 +124,10 @@ def train(
     loader_args = {"batch_size": batch_size, "num_workers": settings.num_workers, "collate_fn": collate}
     # drop_last keeps a lone last spot from making a one-element contrastive batch
     train_loader = DataLoader(
-        _SpotDataset(*train_data), shuffle=True, generator=generator, drop_last=len(train_data[0]) > batch_size,
+        _SpotDataset(*train_data),
+        shuffle=True,
+        generator=generator,
+        drop_last=len(train_data[0]) > batch_size,
         **loader_args,
     )
     val_loader = DataLoader(_SpotDataset(*val_data), shuffle=False, **loader_args)
@@ -130,7 +135,6 @@ def train(
     callbacks = _make_callbacks(patience)
     trainer = L.Trainer(
         max_epochs=max_epochs,
-        max_steps=max_steps,
         accelerator="cuda" if use_cuda else ("cpu" if accelerator == "auto" else accelerator),
         devices=devices,
         precision="bf16-mixed" if use_cuda else "32-true",
@@ -143,7 +147,16 @@ def train(
         num_sanity_val_steps=0,
         log_every_n_steps=1,
     )
-    trainer.fit(module, train_loader, val_loader)
+    # lightning's banners and tips are noise in a notebook
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        trainer.fit(module, train_loader, val_loader)
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
     history, best = callbacks[0], callbacks[1]
     if best.state is not None:
         module.load_state_dict(best.state)

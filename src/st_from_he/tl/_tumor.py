@@ -8,10 +8,21 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from .._logging import logger
-from .._sdata import PREDICTED_KEY, TABLE_KEY, UNS_KEY
-from .._validate import is_raw_counts
-from ._evaluate import _align, _dense, _lognorm_rows, _matrix, _measured_table, _predicted_table, _samples_of, _table
+from st_from_he._logging import logger
+from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY, UNS_KEY
+from st_from_he._validate import is_raw_counts
+
+from ._evaluate import (
+    _align,
+    _dense,
+    _is_constant,
+    _lognorm_rows,
+    _matrix,
+    _measured_table,
+    _predicted_table,
+    _samples_of,
+    _table,
+)
 from ._gene_sets import TUMOR_MARKERS
 
 if TYPE_CHECKING:
@@ -36,9 +47,10 @@ def _marker_expression(
     rows = np.arange(table.n_obs)
     x = _matrix(table, layer, key)
     if normalize is None:
-        normalize = table.uns.get(UNS_KEY, {}).get("raw_counts") is not False and is_raw_counts(x)
+        marked = layer is None and table.uns.get(UNS_KEY, {}).get("raw_counts") is False
+        normalize = not marked and is_raw_counts(x)
     if normalize:
-        return _lognorm_rows(table, rows, cols, layer=layer, where=f"table {key!r}"), present, True
+        return _lognorm_rows(table, rows, cols, layer=layer, key=key, require_counts=False), present, True
     return _dense(x, rows, cols), present, False
 
 
@@ -49,7 +61,8 @@ def _zscore_mean(x: np.ndarray, samples: np.ndarray) -> np.ndarray:
         rows = samples == sample
         block = x[rows]
         std = block.std(axis=0)
-        z = np.divide(block - block.mean(axis=0), std, out=np.zeros_like(block), where=std > 0)
+        varying = ~_is_constant(block)
+        z = np.divide(block - block.mean(axis=0), std, out=np.zeros_like(block), where=varying)
         score[rows] = z.mean(axis=1)
     return score
 
@@ -112,14 +125,22 @@ def score_tumor(
     """
     table = _table(sdata, table_key, "expression")
     if key_added in table.obs and not overwrite:
-        raise KeyError(f"Table {table_key!r} already has obs[{key_added!r}]; pass `overwrite=True` or another `key_added`.")
+        raise KeyError(
+            f"Table {table_key!r} already has obs[{key_added!r}]; pass `overwrite=True` or another `key_added`."
+        )
     score, present, normalized = _tumor_scores(table, markers, key=table_key, layer=layer, normalize=normalize)
     table.obs[key_added] = score
     table.uns[key_added] = {
-        "params": {"markers": present, "table_key": table_key, "layer": "X" if layer is None else layer,
-                   "normalized": bool(normalized)}  # fmt: skip
+        "params": {
+            "markers": present,
+            "table_key": table_key,
+            "layer": "X" if layer is None else layer,
+            "normalized": bool(normalized),
+        }
     }
-    logger.info("Wrote obs[%r] of table %r from %d marker(s): %s.", key_added, table_key, len(present), ", ".join(present))
+    logger.info(
+        "Wrote obs[%r] of table %r from %d marker(s): %s.", key_added, table_key, len(present), ", ".join(present)
+    )
 
 
 def _labels(meas: AnnData, labels, measured_key: str) -> pd.Series:
@@ -189,7 +210,8 @@ def evaluate_localization(
         Markers of the score; default those recorded by :func:`~st_from_he.tl.score_tumor` for ``score_key``, else
         :data:`~st_from_he.tl.TUMOR_MARKERS`. Passing ``markers`` recomputes the predicted score from them.
     layer
-        Layer of the measured table holding raw counts; ``None`` uses ``X``.
+        Layer of the measured table; ``None`` uses ``X``. Raw counts are log-normalised first, other values are
+        taken as they are (z-scores do not depend on the scale).
     key_added
         Key in the prediction table's ``uns`` under which the result is stored.
 
@@ -222,9 +244,13 @@ def evaluate_localization(
         used = list(TUMOR_MARKERS if markers is None else markers)
         predicted_score, used, _ = _tumor_scores(pred, used, key=predicted_key)
         source = f"markers {used}"
-    measured_score, measured_used, _ = _tumor_scores(meas, used, key=measured_key, layer=layer, normalize=True)
+    measured_score, measured_used, _ = _tumor_scores(meas, used, key=measured_key, layer=layer)
     if measured_used != used:
-        logger.warning("Markers %s are not measured; the measured upper bound uses %s.", sorted(set(used) - set(measured_used)), measured_used)
+        logger.warning(
+            "Markers %s are not measured; the measured upper bound uses %s.",
+            sorted(set(used) - set(measured_used)),
+            measured_used,
+        )
     pred_rows, meas_rows = _align(pred, meas, predicted_key, measured_key)
     y = flags.to_numpy()[meas_rows]
     labelled = ~pd.isna(y)
@@ -236,7 +262,11 @@ def evaluate_localization(
         row = {"sample": sample, "n_spots": int(keep.sum()), "n_tumor": int(truth.sum())}
         one_class = truth.all() or not truth.any()
         if one_class:
-            logger.warning("Section %r has %s labelled spots only; AUROC is undefined.", sample, "tumour" if truth.any() else "non-tumour")
+            logger.warning(
+                "Section %r has %s labelled spots only; AUROC is undefined.",
+                sample,
+                "tumour" if truth.any() else "non-tumour",
+            )
         for suffix, score in (("", predicted_score[pred_rows][keep]), ("_measured", measured_score[meas_rows][keep])):
             row[f"auroc{suffix}"] = np.nan if one_class else float(roc_auc_score(truth, score))
             row[f"average_precision{suffix}"] = np.nan if one_class else float(average_precision_score(truth, score))
@@ -244,7 +274,9 @@ def evaluate_localization(
     if not rows or all(r["n_spots"] == 0 for r in rows):
         raise ValueError("No spot matched between the tables carries a label.")
     result = pd.DataFrame(rows).set_index("sample")
-    result = result[["n_spots", "n_tumor", "auroc", "average_precision", "auroc_measured", "average_precision_measured"]]
+    result = result[
+        ["n_spots", "n_tumor", "auroc", "average_precision", "auroc_measured", "average_precision_measured"]
+    ]
     pred.uns[key_added] = {
         "per_sample": result,
         "params": {"score": source, "markers": used, "predicted_key": predicted_key, "measured_key": measured_key},
@@ -252,6 +284,10 @@ def evaluate_localization(
     for sample, row in result.iterrows():
         logger.info(
             "%s: tumour localisation AUROC %.3f (measured %.3f), average precision %.3f (measured %.3f).",
-            sample, row["auroc"], row["auroc_measured"], row["average_precision"], row["average_precision_measured"],
-        )  # fmt: skip
+            sample,
+            row["auroc"],
+            row["auroc_measured"],
+            row["average_precision"],
+            row["average_precision_measured"],
+        )
     return result

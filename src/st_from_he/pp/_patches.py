@@ -1,0 +1,695 @@
+"""Patches of fixed physical size around spots: pyramid level choice, decoded-image cache, resampling.
+
+Geometry. A pixel ``i`` of an image covers the continuous coordinates ``[i, i + 1)`` (spatialdata's convention, and
+PIL's), so a spot centre ``(x, y)`` in pixels lies in pixel ``(floor(x), floor(y))``. The patch of a spot at context
+scale ``c`` is the square of side ``c * size_um`` micrometres centred on the spot; it is resampled onto
+``size_px x size_px`` output pixels with a separable triangle (bilinear) filter whose support widens with the
+downsampling factor (antialiasing, as PIL's ``Image.resize(..., BILINEAR, box=...)``; the two agree to +-1 grey
+level). Pixels beyond the image border count as white (255), the colour of empty glass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+
+from st_from_he._logging import logger
+from st_from_he._memory import empty_uint8
+from st_from_he._sdata import SAMPLE_KEY, SPATIAL_KEY, TABLE_KEY, get_section, pixel_size_um, table_rows
+from st_from_he._sdata import image_key as sample_image_key
+from st_from_he._sdata import samples as table_samples
+from st_from_he._settings import settings
+from st_from_he._validate import check_spots_in_image
+
+if TYPE_CHECKING:
+    import dask.array as da
+    from spatialdata import SpatialData
+
+FILL_VALUE = 255
+"""Value of the pixels beyond an image's border (white, like empty glass)."""
+
+# Chunked (tiled) levels up to this size are read whole once; larger ones are read window by window.
+_SMALL_LEVEL_BYTES = 512 * 2**20
+# Patches per kernel call when work is spread over threads.
+_BATCH = 64
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resampling kernel (numba, compiled on first use and cached on disk)
+# --------------------------------------------------------------------------------------------------------------------
+
+_KERNEL = None
+
+
+def _kernel():
+    """The compiled resampling kernel (numba is imported and the kernel compiled on first use only)."""
+    global _KERNEL
+    if _KERNEL is None:
+        _KERNEL = _compile_kernel()
+    return _KERNEL
+
+
+def _compile_kernel():
+    import numba
+
+    njit = numba.njit(nogil=True, cache=True, fastmath=True)
+
+    @njit
+    def filter_coefficients(start, scale, n_out):
+        # Output pixel j has its centre at start + (j + 0.5) * scale in source coordinates; source pixel i has its
+        # centre at i + 0.5. Triangle filter of half-width max(scale, 1) source pixels, weights normalised to 1.
+        support = max(scale, 1.0)
+        n_taps = int(math.ceil(2.0 * support))
+        first = np.empty(n_out, np.int64)
+        weights = np.zeros((n_out, n_taps), np.float32)
+        for j in range(n_out):
+            centre = start + (j + 0.5) * scale
+            lo = int(math.floor(centre - support - 0.5)) + 1
+            first[j] = lo
+            total = 0.0
+            for k in range(n_taps):
+                d = abs(lo + k + 0.5 - centre) / support
+                w = 1.0 - d if d < 1.0 else 0.0
+                weights[j, k] = w
+                total += w
+            for k in range(n_taps):
+                weights[j, k] = weights[j, k] / total
+        return first, weights
+
+    @njit
+    def resample(src, boxes, out, fill):
+        # src: (C, H, W) uint8; boxes: (n, 4) float64 x0, y0, x1, y1 in src pixel coordinates; out: (n, C, S, S).
+        n_ch, height, width = src.shape
+        size_y, size_x = out.shape[2], out.shape[3]
+        ffill = np.float32(fill)
+        acc = np.empty(size_x, np.float32)
+        for p in range(boxes.shape[0]):
+            x0, y0, x1, y1 = boxes[p, 0], boxes[p, 1], boxes[p, 2], boxes[p, 3]
+            xfirst, xw = filter_coefficients(x0, (x1 - x0) / size_x, size_x)
+            yfirst, yw = filter_coefficients(y0, (y1 - y0) / size_y, size_y)
+            kx, ky = xw.shape[1], yw.shape[1]
+            row0 = yfirst[0]
+            n_rows = yfirst[size_y - 1] + ky - row0
+            col0 = xfirst[0]
+            n_cols = xfirst[size_x - 1] + kx - col0
+            inside = col0 >= 0 and col0 + n_cols <= width
+            rel = xfirst - col0
+            xwt = np.ascontiguousarray(xw.T)
+            w0 = xwt[0]
+            w1 = xwt[min(1, kx - 1)]
+            padded = np.empty(n_cols, np.float32)
+            tmp = np.empty((n_ch, n_rows, size_x), np.float32)
+            # horizontal pass over the rows the vertical pass needs
+            for c in range(n_ch):
+                for r in range(n_rows):
+                    y = row0 + r
+                    trow = tmp[c, r]
+                    if y < 0 or y >= height:
+                        trow[:] = ffill
+                        continue
+                    srow = src[c, y]
+                    if inside and kx == 2:  # upsampling: two taps, the common case
+                        for j in range(size_x):
+                            q = xfirst[j]
+                            trow[j] = w0[j] * np.float32(srow[q]) + w1[j] * np.float32(srow[q + 1])
+                    elif inside:
+                        trow[:] = 0.0
+                        for k in range(kx):
+                            wk = xwt[k]
+                            for j in range(size_x):
+                                trow[j] += wk[j] * np.float32(srow[xfirst[j] + k])
+                    else:  # the window reaches beyond the image: pad the row with white first
+                        for q in range(n_cols):
+                            x = col0 + q
+                            padded[q] = np.float32(srow[x]) if (x >= 0 and x < width) else ffill
+                        trow[:] = 0.0
+                        for k in range(kx):
+                            wk = xwt[k]
+                            for j in range(size_x):
+                                trow[j] += wk[j] * padded[rel[j] + k]
+            # vertical pass; weights are non-negative and sum to 1, so values stay within 0..255 (+0.5 rounds)
+            for c in range(n_ch):
+                for i in range(size_y):
+                    acc[:] = 0.5
+                    base = yfirst[i] - row0
+                    for k in range(ky):
+                        w = yw[i, k]
+                        trow = tmp[c, base + k]
+                        for j in range(size_x):
+                            acc[j] += w * trow[j]
+                    orow = out[p, c, i]
+                    for j in range(size_x):
+                        orow[j] = np.int32(acc[j])
+
+    return resample
+
+
+def resample_boxes(src: np.ndarray, boxes: np.ndarray, size_px: int, *, out: np.ndarray | None = None) -> np.ndarray:
+    """Resample square windows of an image onto ``size_px x size_px`` pixels.
+
+    Parameters
+    ----------
+    src
+        ``(c, y, x)`` uint8 image.
+    boxes
+        ``(n, 4)`` windows ``x0, y0, x1, y1`` in continuous pixel coordinates of ``src`` (pixel ``i`` spans
+        ``[i, i + 1)``); they may reach beyond the image, whose outside counts as white.
+    size_px
+        Side of the output patches.
+    out
+        Optional ``(n, c, size_px, size_px)`` uint8 array to write into.
+
+    Returns
+    -------
+    The ``(n, c, size_px, size_px)`` uint8 patches.
+    """
+    src = np.ascontiguousarray(src, dtype=np.uint8)
+    boxes = np.ascontiguousarray(boxes, dtype=np.float64).reshape(-1, 4)
+    if out is None:
+        out = np.empty((len(boxes), src.shape[0], size_px, size_px), np.uint8)
+    if len(boxes):
+        _kernel()(src, boxes, out, FILL_VALUE)
+    return out
+
+
+def _n_threads() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(8, n))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Images, levels and elements
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def image_levels(element) -> list[da.Array]:
+    """The ``(c, y, x)`` dask arrays of an image element, finest first (one level for a non-multiscale image)."""
+    import xarray as xr
+
+    if isinstance(element, xr.DataArray):
+        return [element.data]
+    levels = []
+    for name in sorted(element.children, key=lambda k: int(k.removeprefix("scale"))):
+        node = element[name]
+        var = next(iter(node.data_vars))
+        levels.append(node[var].data)
+    return levels
+
+
+def element_sample(sdata: SpatialData, element_key: str) -> str:
+    """The sample (micrometre coordinate system) an element belongs to: one whose image ``f"{S}_image"`` exists."""
+    from spatialdata.transformations import get_transformation
+
+    systems = list(get_transformation(sdata[element_key], get_all=True))
+    with_image = [cs for cs in systems if sample_image_key(cs) in sdata.images]
+    if len(with_image) > 1:  # prefer the sample that names the element
+        named = [cs for cs in with_image if element_key == sample_image_key(cs) or element_key.startswith(f"{cs}_")]
+        with_image = named or with_image
+    if len(with_image) != 1:
+        raise ValueError(
+            f"Cannot tell which section element {element_key!r} belongs to: its coordinate systems are {systems}, and "
+            f"a section's coordinate system S needs an image 'S_image' (images present: {sorted(sdata.images)})."
+        )
+    return with_image[0]
+
+
+def to_image_pixels(sdata: SpatialData, element_key: str, image_key: str, sample: str) -> np.ndarray:
+    """3x3 affine (x, y) matrix from an element's intrinsic coordinates to the pixels of an image of ``sample``."""
+    from spatialdata.transformations import get_transformation
+
+    def affine(key):
+        transforms = get_transformation(sdata[key], get_all=True)
+        if sample not in transforms:
+            raise ValueError(f"Element {key!r} has no transformation to the coordinate system {sample!r}.")
+        return np.asarray(transforms[sample].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), float)
+
+    return np.linalg.inv(affine(image_key)) @ affine(element_key)
+
+
+def image_of(sdata: SpatialData, image_key: str) -> tuple[str, float, list[da.Array]]:
+    """Sample, micrometres per pixel (finest level) and levels of an image element, with clear errors."""
+    if image_key not in sdata.images:
+        hint = ""
+        if sample_image_key(image_key) in sdata.images:
+            hint = f" Did you mean {sample_image_key(image_key)!r} (the image of sample {image_key!r})?"
+        raise KeyError(f"No image element {image_key!r}; images present: {sorted(sdata.images)}.{hint}")
+    sample = element_sample(sdata, image_key)
+    return sample, pixel_size_um(sdata, image_key, sample), image_levels(sdata.images[image_key])
+
+
+def is_monolithic(array: da.Array) -> bool:
+    """Whether every window of ``array`` needs one computation over the whole image (e.g. a JPEG decode).
+
+    True when the graph's source tasks are function calls, fewer than the chunks they feed (a lazily decoded JPEG
+    rechunked after the fact); false for arrays read chunk by chunk (zarr, tiled TIFF) or held in memory.
+    """
+    try:
+        from dask._task_spec import Task, convert_legacy_graph
+
+        graph = convert_legacy_graph(dict(array.__dask_graph__()))
+        calls = sum(1 for task in graph.values() if isinstance(task, Task) and not task.dependencies)
+    except Exception:  # noqa: BLE001 - graph internals differ between dask versions: fall back on chunk counts
+        return array.npartitions == 1
+    return 0 < calls < array.npartitions
+
+
+@dataclass(frozen=True)
+class _Section:
+    """One section's image as the dataset reads it."""
+
+    sample: str
+    image_key: str
+    pixel_size_um: float
+    levels: tuple  # dask arrays (c, y, x), finest first
+    monolithic: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.levels[0].shape[1:])
+
+    def level_scale(self, level: int) -> tuple[float, float]:
+        """Level pixels per full-resolution pixel, along x and y."""
+        h0, w0 = self.shape
+        h, w = self.levels[level].shape[1:]
+        return w / w0, h / h0
+
+    def choose_level(self, target_um: float) -> int:
+        """The coarsest level whose pixels are no larger than ``target_um``; level 0 if every level's are larger."""
+        best = 0
+        for i in range(len(self.levels)):
+            fx, fy = self.level_scale(i)
+            if self.pixel_size_um / min(fx, fy) <= target_um * 1.01:
+                best = i
+        return best
+
+    def materialise(self, level: int) -> bool:
+        level_array = self.levels[level]
+        return self.monolithic or level_array.nbytes <= _SMALL_LEVEL_BYTES
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class PatchDataset:
+    """Patches of fixed physical size centred on spots, one item per spot, readable at random.
+
+    Made by :func:`st_from_he.pp.extract_patches`. A map-style dataset (``len`` and integer indexing), so it can be
+    handed to :class:`torch.utils.data.DataLoader` directly; torch itself is never imported here.
+
+    Images are decoded once and kept: the pyramid level a patch needs (the coarsest whose pixels are no larger than
+    the patch's, so patches are never built from a coarser image than necessary) is read whole when it is small or
+    can only be decoded whole (JPEG, PNG), and kept in a process-wide cache of ``sth.settings.image_cache_gb``; large tiled levels
+    (zarr, TIFF pyramids) are read window by window instead.
+
+    Attributes
+    ----------
+    obs_names
+        Name of each item's spot: the table's ``obs_names``, or ``f"{shapes_key}-{index}"`` for a shapes element.
+    samples
+        Sample (section) id of each item.
+    spatial
+        Spot centres ``(n, 2)`` in pixels (x, y) of the finest level of each sample's image.
+    size_um
+        Side of a patch at context scale 1, in micrometres.
+    size_px
+        Side of every patch in pixels.
+    context
+        Context scales: the patch at scale ``c`` shows ``c * size_um`` micrometres resampled to ``size_px``.
+    pixel_size_um
+        Micrometres per pixel of each sample's image (finest level).
+    levels
+        Pyramid level read for each sample and context scale.
+
+    Examples
+    --------
+    >>> import st_from_he as sth
+    >>> sdata = sth.datasets.her2st(["C6"], path="../shared/data/her2st")
+    >>> patches = sth.pp.extract_patches(sdata, size_um=112, size_px=224)
+    >>> len(patches) == sdata.tables["table"].n_obs, patches.item_shape
+    (True, (3, 224, 224))
+    >>> batch = patches[[0, 5, 9]]  # (3, 3, 224, 224) uint8
+    >>> import torch  # doctest: +SKIP
+    >>> loader = torch.utils.data.DataLoader(patches, batch_size=64, shuffle=True)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        sections: dict[str, _Section],
+        samples: np.ndarray,
+        spatial: np.ndarray,
+        obs_names: pd.Index,
+        *,
+        size_um: float,
+        size_px: int,
+        context: tuple[float, ...],
+    ):
+        self.obs_names = pd.Index(obs_names)
+        self.samples = np.asarray(samples).astype(str)
+        self.spatial = np.asarray(spatial, dtype=float)
+        self.size_um = float(size_um)
+        self.size_px = int(size_px)
+        self.context = tuple(float(c) for c in context)
+        self.pixel_size_um = {s: sec.pixel_size_um for s, sec in sections.items()}
+        self.levels = {
+            s: tuple(sec.choose_level(c * self.size_um / self.size_px) for c in self.context)
+            for s, sec in sections.items()
+        }
+        self._sections = sections
+        self._rows = {s: np.flatnonzero(self.samples == s) for s in sections}
+        for s, sec in sections.items():
+            coarser = self.pixel_size_um[s] > self.size_um / self.size_px * 1.01
+            logger.debug(
+                "%s: %.3f um/px image, patches of %g um at %d px (%.3f um/px) read from level(s) %s%s",
+                s,
+                sec.pixel_size_um,
+                self.size_um,
+                self.size_px,
+                self.size_um / self.size_px,
+                self.levels[s],
+                " (upsampled: the image is coarser than the patches)" if coarser else "",
+            )
+
+    # ---- sequence protocol ----------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.obs_names)
+
+    @property
+    def n_scales(self) -> int:
+        """Number of context scales."""
+        return len(self.context)
+
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """Shape of one item: ``(3, size_px, size_px)``, or ``(n_scales, 3, size_px, size_px)`` with several scales."""
+        core = (3, self.size_px, self.size_px)
+        return core if self.n_scales == 1 else (self.n_scales, *core)
+
+    def __getitem__(self, index):
+        """Patch of one spot (an integer index), or the stacked patches of a slice or an array of indices."""
+        if isinstance(index, (int, np.integer)):
+            i = int(index)
+            if not -len(self) <= i < len(self):
+                raise IndexError(f"Index {i} is out of range for {len(self)} patches.")
+            return self._patches(np.array([i % len(self)]))[0]
+        if isinstance(index, slice):
+            return self._patches(np.arange(len(self))[index])
+        idx = np.asarray(index)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise IndexError(f"Boolean index of shape {idx.shape} does not match {len(self)} patches.")
+            idx = np.flatnonzero(idx)
+        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+            raise IndexError("Index with an int, a slice, or a 1D array of ints or bools.")
+        if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise IndexError(f"Indices out of range for {len(self)} patches.")
+        return self._patches(idx % len(self) if len(self) else idx)
+
+    def to_numpy(self) -> np.ndarray:
+        """All patches as one array ``(n, *item_shape)`` (for data that fit in memory)."""
+        return self._patches(np.arange(len(self)))
+
+    def __repr__(self) -> str:
+        samples = ", ".join(self._sections)
+        return (
+            f"PatchDataset of {len(self)} patches of {self.size_um:g} um at {self.size_px} px, context "
+            f"{self.context}, from {len(self._sections)} section(s): {samples}"
+        )
+
+    # ---- work -------------------------------------------------------------------------------------------------------
+
+    def _patches(self, idx: np.ndarray) -> np.ndarray:
+        out = empty_uint8((len(idx), self.n_scales, 3, self.size_px, self.size_px))
+        order = self.samples[idx]
+        for sample in dict.fromkeys(order):  # one section at a time, in order of first appearance
+            pos = np.flatnonzero(order == sample)
+            self._section_patches(sample, idx[pos], out, pos)
+        return out[:, 0] if self.n_scales == 1 else out
+
+    def _boxes(self, sample: str, rows: np.ndarray, scale_index: int) -> np.ndarray:
+        """Windows (x0, y0, x1, y1) of the rows' patches in pixels of the level read for that scale."""
+        sec = self._sections[sample]
+        level = self.levels[sample][scale_index]
+        fx, fy = sec.level_scale(level)
+        half_um = self.context[scale_index] * self.size_um / 2
+        half_x = half_um / sec.pixel_size_um * fx
+        half_y = half_um / sec.pixel_size_um * fy
+        cx = self.spatial[rows, 0] * fx
+        cy = self.spatial[rows, 1] * fy
+        return np.column_stack([cx - half_x, cy - half_y, cx + half_x, cy + half_y])
+
+    def _section_patches(self, sample: str, rows: np.ndarray, out: np.ndarray, pos: np.ndarray) -> None:
+        sec = self._sections[sample]
+        for s, level in enumerate(self.levels[sample]):
+            boxes = self._boxes(sample, rows, s)
+            if sec.materialise(level):
+                src = self._level_array(sample, level)
+                self._run(src, boxes, out, pos, s)
+            else:
+                self._windowed(sec.levels[level], boxes, out, pos, s)
+
+    def _run(self, src: np.ndarray, boxes: np.ndarray, out: np.ndarray, pos: np.ndarray, s: int) -> None:
+        """Resample ``boxes`` of ``src`` into ``out[pos, s]``, spread over threads for large batches."""
+        kernel = _kernel()
+        contiguous = len(pos) > 0 and np.array_equal(pos, np.arange(pos[0], pos[0] + len(pos))) and self.n_scales == 1
+
+        def work(sl: slice):
+            if contiguous:
+                kernel(src, boxes[sl], out[pos[0] + sl.start : pos[0] + sl.stop, 0], FILL_VALUE)
+            else:
+                tmp = np.empty((sl.stop - sl.start, src.shape[0], self.size_px, self.size_px), np.uint8)
+                kernel(src, boxes[sl], tmp, FILL_VALUE)
+                out[pos[sl], s] = tmp
+
+        slices = [slice(i, min(i + _BATCH, len(boxes))) for i in range(0, len(boxes), _BATCH)]
+        n_threads = _n_threads()
+        if len(slices) <= 1 or n_threads == 1:
+            for sl in slices:
+                work(sl)
+            return
+        with ThreadPoolExecutor(n_threads) as pool:
+            list(pool.map(work, slices))
+
+    def _windowed(self, level: da.Array, boxes: np.ndarray, out: np.ndarray, pos: np.ndarray, s: int) -> None:
+        """Read each patch's window (with the filter's margin) from a lazy level, never the whole level."""
+        import dask
+
+        _, height, width = level.shape
+        scale = (boxes[:, 2] - boxes[:, 0]) / self.size_px
+        margin = np.ceil(np.maximum(scale, 1.0)) + 1
+        x0 = np.clip(np.floor(boxes[:, 0] - margin), 0, width).astype(int)
+        x1 = np.clip(np.ceil(boxes[:, 2] + margin), 0, width).astype(int)
+        y0 = np.clip(np.floor(boxes[:, 1] - margin), 0, height).astype(int)
+        y1 = np.clip(np.ceil(boxes[:, 3] + margin), 0, height).astype(int)
+        for start in range(0, len(boxes), _BATCH):
+            batch = range(start, min(start + _BATCH, len(boxes)))
+            windows = dask.compute(*[level[:, y0[i] : y1[i], x0[i] : x1[i]] for i in batch])
+            for i, window in zip(batch, windows, strict=True):  # each window holds its spot's centre: not empty
+                rel = boxes[i] - np.array([x0[i], y0[i], x0[i], y0[i]])
+                out[pos[i], s] = resample_boxes(np.asarray(window), rel[None], self.size_px)[0]
+
+    def _level_array(self, sample: str, level: int) -> np.ndarray:
+        """A level of a section as an in-memory array, decoded once per process (see :class:`_DecodedLevels`)."""
+        sec = self._sections[sample]
+        # Every level this section needs that is read whole, computed together so a JPEG is decoded once.
+        wanted = [lv for lv in dict.fromkeys(self.levels[sample]) if sec.materialise(lv)]
+        arrays = DECODED.get([sec.levels[lv] for lv in wanted])
+        return arrays[wanted.index(level)]
+
+
+class _DecodedLevels:
+    """Decoded image levels shared by every :class:`PatchDataset` of the process, least recently used dropped first.
+
+    Keyed by the dask array's name (a token of the file and the level), so training, validation and prediction on
+    the same section decode its image once. Its budget is ``sth.settings.image_cache_gb``; worker processes keep
+    their own.
+    """
+
+    def __init__(self):
+        self._arrays: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, levels: list) -> list[np.ndarray]:
+        """The levels as uint8 arrays, computing the missing ones together."""
+        import dask
+
+        with self._lock:  # one decode per level, even when threads ask at once
+            missing = [lvl for lvl in levels if lvl.name not in self._arrays]
+            for lvl, arr in zip(missing, dask.compute(*missing), strict=True):
+                self._arrays[lvl.name] = np.ascontiguousarray(arr, dtype=np.uint8)
+            for lvl in levels:
+                self._arrays.move_to_end(lvl.name)
+            out = [self._arrays[lvl.name] for lvl in levels]
+            self._evict(keep={lvl.name for lvl in levels})
+            return out
+
+    def _evict(self, keep: set[str]) -> None:
+        budget = settings.image_cache_gb * 2**30
+        while sum(a.nbytes for a in self._arrays.values()) > budget:
+            victim = next((k for k in self._arrays if k not in keep), None)
+            if victim is None:
+                break
+            del self._arrays[victim]
+
+    def clear(self) -> None:
+        """Drop every decoded level."""
+        with self._lock:
+            self._arrays.clear()
+
+
+DECODED = _DecodedLevels()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Public function
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def extract_patches(
+    sdata: SpatialData,
+    *,
+    size_um: float = 112.0,
+    size_px: int = 224,
+    context: Sequence[float] | float = (1.0,),
+    shapes_key: str | None = None,
+    table_key: str = TABLE_KEY,
+    samples: Sequence[str] | str | None = None,
+) -> PatchDataset:
+    """Image patches of fixed physical size centred on each spot, as a random-access dataset.
+
+    Every patch shows the same area of tissue whatever each image's resolution: its side is ``size_um`` micrometres
+    (times each context scale), resampled to ``size_px`` pixels. Patches at the image border are padded with white
+    (255), the colour of empty glass, rather than mirrored, which would invent tissue.
+
+    Parameters
+    ----------
+    sdata
+        Sections following the package's data model (see :func:`st_from_he.io.read_st`).
+    size_um
+        Side of a patch in micrometres at context scale 1 (the reference uses 112 um: 224 px at 0.5 um/px).
+    size_px
+        Side of every patch in pixels.
+    context
+        Context scales: for each ``c`` a patch of side ``c * size_um`` centred on the same spot, resampled to
+        ``size_px`` (e.g. ``(1.0, 3.0)`` adds a 3x wider view).
+    shapes_key
+        Take the spots from this shapes element (e.g. pseudo-spots from :func:`st_from_he.pp.spot_grid`) instead of
+        the table: its circle centres (polygon centroids), in element order; its sample is the coordinate system it
+        shares with an image ``f"{S}_image"``. ``table_key`` is then ignored.
+    table_key
+        Table whose rows are the spots (in table order), with ``obs["sample"]`` and the spot centres in pixels of the
+        sample's image in ``obsm["spatial"]``.
+    samples
+        Only the spots of these samples (default: all).
+
+    Returns
+    -------
+    A :class:`~st_from_he.pp.PatchDataset`: item ``i`` is the uint8 patch ``(3, size_px, size_px)`` of spot ``i``,
+    or ``(n_scales, 3, size_px, size_px)`` with several context scales; a slice or an array of indices gives the
+    stacked batch. ``obs_names`` names the spots (the table's ``obs_names``, or ``f"{shapes_key}-{index}"``); also
+    ``samples``, ``spatial``, ``to_numpy()``. ``sdata`` is not modified.
+
+    Examples
+    --------
+    >>> import st_from_he as sth
+    >>> sdata = sth.datasets.her2st(["C6"], path="../shared/data/her2st")
+    >>> patches = sth.pp.extract_patches(sdata, size_um=112, size_px=224, context=(1.0, 3.0))
+    >>> patches[0].shape
+    (2, 3, 224, 224)
+    >>> patches[:8].shape
+    (8, 2, 3, 224, 224)
+    """
+    size_um, size_px, context = _check_geometry(size_um, size_px, context)
+    if samples is not None:
+        samples = [samples] if isinstance(samples, str) else list(samples)
+    if shapes_key is not None:
+        names, sample_of, spatial = _spots_from_shapes(sdata, shapes_key, samples)
+    else:
+        names, sample_of, spatial = _spots_from_table(sdata, table_key, samples)
+
+    sections = {}
+    for sample in dict.fromkeys(sample_of):
+        sec = get_section(sdata, sample)
+        levels = tuple(image_levels(sdata.images[sec.image_key]))
+        h, w = levels[0].shape[1:]
+        check_spots_in_image(spatial[sample_of == sample], h, w, sample=sample)
+        sections[sample] = _Section(sample, sec.image_key, sec.pixel_size_um, levels, is_monolithic(levels[0]))
+    return PatchDataset(
+        sections,
+        sample_of,
+        spatial,
+        names,
+        size_um=size_um,
+        size_px=size_px,
+        context=context,
+    )
+
+
+def _check_geometry(size_um, size_px, context) -> tuple[float, int, tuple[float, ...]]:
+    size_um = float(size_um)
+    if not np.isfinite(size_um) or size_um <= 0:
+        raise ValueError(f"`size_um` must be a positive number of micrometres, got {size_um}.")
+    if int(size_px) != size_px or size_px < 1:
+        raise ValueError(f"`size_px` must be a positive integer, got {size_px}.")
+    if np.isscalar(context):
+        context = (context,)
+    context = tuple(float(c) for c in context)
+    if not context or any(not np.isfinite(c) or c <= 0 for c in context):
+        raise ValueError(f"`context` must be one or more positive scales, got {context}.")
+    return size_um, int(size_px), context
+
+
+def _spots_from_table(sdata, table_key, samples):
+    if table_key not in sdata.tables:
+        raise KeyError(
+            f"No table {table_key!r}; tables present: {sorted(sdata.tables)}. For an H&E-only slide make pseudo-spots "
+            f"with `sth.pp.spot_grid` and pass their `shapes_key`."
+        )
+    table = sdata.tables[table_key]
+    if SPATIAL_KEY not in table.obsm:
+        raise KeyError(f"Table {table_key!r} has no obsm[{SPATIAL_KEY!r}] with the spot centres in pixels.")
+    present = table_samples(sdata, table_key)
+    if samples is not None:
+        unknown = [s for s in samples if s not in present]
+        if unknown:
+            raise ValueError(f"Unknown sample(s) {unknown} in table {table_key!r}; present: {present}.")
+        rows = np.sort(np.concatenate([table_rows(table, s) for s in samples]))
+    else:
+        rows = np.arange(table.n_obs)
+    if len(rows) == 0:
+        raise ValueError(f"Table {table_key!r} has no spots{'' if samples is None else f' of samples {samples}'}.")
+    spatial = np.asarray(table.obsm[SPATIAL_KEY], dtype=float)[rows, :2]
+    sample_of = table.obs[SAMPLE_KEY].astype(str).to_numpy()[rows]
+    return table.obs_names[rows], sample_of, spatial
+
+
+def _spots_from_shapes(sdata, shapes_key, samples):
+    if shapes_key not in sdata.shapes:
+        raise KeyError(f"No shapes element {shapes_key!r}; shapes present: {sorted(sdata.shapes)}.")
+    sample = element_sample(sdata, shapes_key)
+    if samples is not None and sample not in samples:
+        raise ValueError(f"Shapes {shapes_key!r} belong to sample {sample!r}, which is not among `samples`={samples}.")
+    shapes = sdata.shapes[shapes_key]
+    if len(shapes) == 0:
+        raise ValueError(f"Shapes element {shapes_key!r} is empty.")
+    geometry = shapes.geometry
+    points = geometry if (geometry.geom_type == "Point").all() else geometry.centroid
+    xy = np.column_stack([points.x.to_numpy(float), points.y.to_numpy(float), np.ones(len(points))])
+    matrix = to_image_pixels(sdata, shapes_key, sample_image_key(sample), sample)
+    spatial = (xy @ matrix.T)[:, :2]
+    names = pd.Index([f"{shapes_key}-{i}" for i in shapes.index])
+    return names, np.full(len(names), sample), spatial
