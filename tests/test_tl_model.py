@@ -94,7 +94,7 @@ def test_save_load_round_trip_is_identical(tmp_path, split, cmrc_model):
     with pytest.raises(FileExistsError):
         cmrc_model.save(path)
     loaded = sth.tl.ExpressionModel.load(path, device="cpu")
-    assert loaded.genes == cmrc_model.genes and loaded.blend == cmrc_model.blend
+    assert loaded.genes == cmrc_model.genes and loaded.blend == cmrc_model.blend == {"retrieval": 1.0}
     sth.tl.predict_expression(a, cmrc_model, device="cpu", progress_bar=False)
     sth.tl.predict_expression(b, loaded, device="cpu", progress_bar=False)
     np.testing.assert_array_equal(a.tables["predicted_expression"].X, b.tables["predicted_expression"].X)
@@ -141,12 +141,22 @@ def test_fit_is_deterministic_on_cpu(split, genes):
     np.testing.assert_array_equal(preds[0], preds[1])
 
 
-def test_default_preset_blends_regression_and_retrieval(split, genes):
+def test_default_preset_blends_regression_retrieval_and_ridge(tmp_path, split, genes):
     model = sth.tl.ExpressionModel(genes, preset="default", **TINY)
     model.fit(split[0], max_epochs=1, progress_bar=False)
+    patches = sth.pp.extract_patches(split[1], size_um=model.size_um, size_px=model.size_px, context=model.context)
+    loaded = sth.tl.ExpressionModel.load(model.save(tmp_path / "default"), device="cpu")
+    assert loaded.blend == model.blend and loaded.blend_ridge
+    np.testing.assert_array_equal(
+        model.predict_patches(patches, device="cpu", progress_bar=False)[0],
+        loaded.predict_patches(patches, device="cpu", progress_bar=False)[0],
+    )
     assert model.config.regression_head and model.context == (1.0, 3.0)
-    assert 0.0 <= model.blend <= 1.0
-    assert len(model.training_info["blend_scores"]) == 11
+    assert set(model.blend) == {"regression", "retrieval", "ridge"}
+    assert np.isclose(sum(model.blend.values()), 1.0) and min(model.blend.values()) >= 0
+    # the blend is the best of its grid on validation spots, so never below its components there
+    scores = model.training_info["validation_pcc"]
+    assert scores["blend"] >= max(scores["regression"], scores["retrieval"], scores["ridge"]) - 1e-9
 
 
 def test_few_shot_subset_of_spots(split, genes):

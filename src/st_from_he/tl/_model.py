@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -19,10 +20,11 @@ from st_from_he._sdata import TABLE_KEY
 from st_from_he._settings import settings
 
 from ._data import SpotArrays, as_list, concat_arrays, spot_arrays
-from ._presets import BASELINE_PRESETS, NEURAL_PRESETS, check_preset
+from ._presets import BASELINE_PRESETS, NEURAL_PRESETS, RIDGE_BLEND_PRESETS, check_preset
 
 _FORMAT = 1
 _CONFIG_FILE, _WEIGHTS_FILE, _ARRAYS_FILE = "model.json", "weights.safetensors", "arrays.npz"
+_RIDGE_PREFIX = "ridge_"  # arrays of a neural model's ridge probe, beside its retrieval bank
 
 
 class ExpressionModel:
@@ -31,8 +33,9 @@ class ExpressionModel:
     A model is a preset (an architecture and its training recipe) plus the genes it predicts:
 
     - ``"default"``: a small CNN over the spot patch and a 3x context patch, trained with the soft-target
-      contrastive loss, masked cross-modal reconstruction and a regression head; predictions blend retrieval and
-      regression with a weight chosen on validation spots; colour, stain and resolution augmentation.
+      contrastive loss, masked cross-modal reconstruction and a regression head, with colour, stain and resolution
+      augmentation; predictions blend retrieval, regression and a ridge probe on hand-crafted features with weights
+      chosen on validation spots.
     - ``"cmrc"``: the faithful reference method (ViT tokens, soft-target contrastive loss with tau = 1, masked
       cross-modal reconstruction, ``log(1 + L)`` losses, AdamW 1e-4 / 1e-3, cosine schedule, flips and 90-degree
       rotations, retrieval of the top 50 training spots).
@@ -48,6 +51,10 @@ class ExpressionModel:
         One of ``"default"``, ``"cmrc"``, ``"ridge"``, ``"ridge_encoder"``, ``"mean"``.
     size_um
         Physical side of the spot patch in micrometres (reference 112).
+    blend_ridge
+        Neural presets: also fit ridge regression on hand-crafted colour, stain and texture features of the same
+        patches, and blend it with the network's predictions (weights chosen on validation spots). Default: on for
+        ``"default"``, off for the reference ``"cmrc"``.
     **config
         Overrides of the preset's hyperparameters: any field of :class:`st_from_he.models.ModelConfig` for neural
         presets (e.g. ``encoder="resnet18"``, ``encoder_weights="uni.safetensors"``, ``img_size=224``,
@@ -65,7 +72,15 @@ class ExpressionModel:
     >>> sth.tl.predict_expression(test, model)  # doctest: +SKIP
     """
 
-    def __init__(self, genes: Sequence[str], *, preset: str = "default", size_um: float | None = None, **config: Any):
+    def __init__(
+        self,
+        genes: Sequence[str],
+        *,
+        preset: str = "default",
+        size_um: float | None = None,
+        blend_ridge: bool | None = None,
+        **config: Any,
+    ):
         genes = [str(g) for g in genes] if not isinstance(genes, str) else [genes]
         if not genes:
             raise ValueError("`genes` is empty; pass the genes to predict, e.g. `sth.pp.select_genes(sdata)`.")
@@ -94,8 +109,11 @@ class ExpressionModel:
             self.size_um = 112.0 if size_um is None else float(size_um)
             self.size_px = int(self.config["img_size"])
             self.context = tuple(float(c) for c in self.config["context_scales"])
+        self.blend_ridge = bool(self.preset in RIDGE_BLEND_PRESETS if blend_ridge is None else blend_ridge)
+        if self.blend_ridge and not self.is_neural:
+            raise ValueError(f"`blend_ridge` applies to neural presets, not to {preset!r}.")
         self.history: pd.DataFrame | None = None
-        self.blend: float | None = None  # weight of the regression head against retrieval
+        self.blend: dict[str, float] | None = None  # weights of the prediction components, chosen on validation
         self.training_info: dict[str, Any] = {}
         self._module = None
         self._bank: dict[str, np.ndarray] | None = None
@@ -162,6 +180,7 @@ class ExpressionModel:
         devices: int | str = "auto",
         seed: int = 0,
         patience: int | None = 5,
+        max_time: float | None = None,
         progress_bar: bool | None = None,
         fill_missing_genes: bool = False,
     ) -> ExpressionModel:
@@ -193,6 +212,8 @@ class ExpressionModel:
             identical models.
         patience
             Stop after this many epochs without a lower validation loss (``None``: never).
+        max_time
+            Stop training after this many seconds (a compute budget), keeping the best weights so far.
         progress_bar
             Show progress; default ``sth.settings.progress_bar``.
         fill_missing_genes
@@ -236,6 +257,7 @@ class ExpressionModel:
             devices=devices,
             seed=seed,
             patience=patience,
+            max_time=max_time,
             progress_bar=progress_bar,
         )
         return self
@@ -253,6 +275,7 @@ class ExpressionModel:
         devices,
         seed,
         patience,
+        max_time,
         progress_bar,
     ) -> None:
         import lightning as L
@@ -281,6 +304,7 @@ class ExpressionModel:
                 seed=seed,
                 progress_bar=progress_bar,
                 patience=patience,
+                max_time=max_time,
             )
         module = module.cpu()
         self.training_info["best_epoch"] = best_epoch
@@ -289,6 +313,11 @@ class ExpressionModel:
         if self.config.contrastive:
             self._bank = {"expression": data.targets}
             self._bank["embedding"] = self._embed_expression(data.targets)
+        if self.blend_ridge:
+            from ._baselines import RidgeProbe
+
+            with timed(f"Fitting the hand-crafted ridge probe on {len(train_idx)} spots"):
+                self._probe = RidgeProbe("handcrafted").fit(data.patches[train_idx], data.targets[train_idx])
         self.blend = self._choose_blend(data.subset(val_idx))
 
     def _embed_expression(self, expression: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -302,26 +331,26 @@ class ExpressionModel:
                 ]
             )
 
-    def _choose_blend(self, val: SpotArrays) -> float | None:
-        """Weight of the regression head vs retrieval maximising the mean per-gene PCC on validation spots."""
-        if not (self.config.regression_head and self.config.contrastive):
-            return 1.0 if self.config.regression_head else None
-        if len(val.patches) < 3:
-            return 0.5
-        regression, retrieval, _ = self._predict_parts(val.patches, device="cpu", progress_bar=False)
-        weights = np.linspace(0, 1, 11)
-        scores = [_mean_pcc(w * regression + (1 - w) * retrieval, val.targets) for w in weights]
-        best = float(weights[int(np.nanargmax(scores))])
-        self.training_info["blend_scores"] = dict(
-            zip(weights.round(2).tolist(), np.round(scores, 4).tolist(), strict=True)
-        )
+    def _choose_blend(self, val: SpotArrays) -> dict[str, float]:
+        """Weights of the prediction components (on a 0.1 simplex grid) maximising mean per-gene PCC on validation."""
+        parts, _ = self._predict_parts(val.patches, device="cpu", progress_bar=False)
+        names = list(parts)
+        if len(names) == 1 or len(val.patches) < 3:
+            return {name: 1 / len(names) for name in names}
+        grid = [w for w in itertools.product(range(11), repeat=len(names)) if sum(w) == 10]
+        scores = [_mean_pcc(sum(wi / 10 * parts[n] for wi, n in zip(w, names, strict=True)), val.targets) for w in grid]
+        best = grid[int(np.nanargmax(scores))]
+        blend = {n: wi / 10 for n, wi in zip(names, best, strict=True)}
+        alone = {n: round(_mean_pcc(parts[n], val.targets), 4) for n in names}
+        self.training_info["validation_pcc"] = alone | {"blend": round(float(np.nanmax(scores)), 4)}
         logger.info(
-            "Blend of regression and retrieval chosen on %d validation spots: %.1f (val PCC %.3f)",
+            "Blend chosen on %d validation spots: %s (mean PCC %.3f; alone: %s)",
             len(val.patches),
-            best,
-            max(scores),
+            ", ".join(f"{n} {w:.1f}" for n, w in blend.items()),
+            np.nanmax(scores),
+            ", ".join(f"{n} {v:.3f}" for n, v in alone.items()),
         )
-        return best
+        return blend
 
     # -- prediction ------------------------------------------------------------------------------------------------
 
@@ -330,7 +359,7 @@ class ExpressionModel:
             raise RuntimeError("The model is not fitted; call `model.fit(sdata)` or `ExpressionModel.load(path)`.")
 
     def _predict_parts(self, patches, *, device: str, batch_size: int = 64, progress_bar: bool = False):
-        """Regression and retrieval predictions and image embeddings of indexable uint8 patches, in batches."""
+        """Each component's prediction (regression head, retrieval, ridge probe) and the image embeddings."""
         import torch
 
         from st_from_he.models import retrieve
@@ -343,12 +372,14 @@ class ExpressionModel:
         bank = None
         if self._bank is not None:
             bank = {k: torch.from_numpy(v).to(device) for k, v in self._bank.items()}
-        regression, retrieval, embeddings = [], [], []
+        regression, retrieval, ridge, embeddings = [], [], [], []
         starts = range(0, len(patches), batch_size)
         with torch.inference_mode():
             for start in tqdm(starts, disable=not progress_bar, desc="Predicting", unit="batch"):
-                x = _stack(patches, start, min(start + batch_size, len(patches)))
-                x = normalise_images(torch.from_numpy(x).to(device), self.config.image_mean, self.config.image_std)
+                batch = _stack(patches, start, min(start + batch_size, len(patches)))
+                if self._probe is not None:
+                    ridge.append(self._probe.predict(batch)[0])
+                x = normalise_images(torch.from_numpy(batch).to(device), self.config.image_mean, self.config.image_std)
                 emb = module.embed_images(x)
                 embeddings.append(emb.float().cpu().numpy())
                 if module.regression is not None:
@@ -358,8 +389,9 @@ class ExpressionModel:
                         retrieve(emb, bank["embedding"], bank["expression"], k=self.config.top_k).float().cpu().numpy()
                     )
         module.cpu()
-        cat = lambda parts: np.concatenate(parts).astype(np.float32) if parts else None  # noqa: E731
-        return cat(regression), cat(retrieval), cat(embeddings)
+        parts = {"regression": regression, "retrieval": retrieval, "ridge": ridge}
+        parts = {name: np.concatenate(chunks).astype(np.float32) for name, chunks in parts.items() if chunks}
+        return parts, np.concatenate(embeddings).astype(np.float32)
 
     def predict_patches(
         self, patches, *, device: str | None = None, batch_size: int = 64, progress_bar: bool | None = None
@@ -391,14 +423,9 @@ class ExpressionModel:
             ]
             return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
         device = self.device if device is None else device
-        regression, retrieval, embeddings = self._predict_parts(
-            patches, device=device, batch_size=batch_size, progress_bar=progress_bar
-        )
-        if retrieval is None:
-            return regression, embeddings
-        if regression is None:
-            return retrieval, embeddings
-        return (self.blend * regression + (1 - self.blend) * retrieval).astype(np.float32), embeddings
+        parts, embeddings = self._predict_parts(patches, device=device, batch_size=batch_size, progress_bar=progress_bar)
+        expression = sum(self.blend[name] * parts[name] for name in parts)
+        return expression.astype(np.float32), embeddings
 
     # -- persistence -----------------------------------------------------------------------------------------------
 
@@ -441,6 +468,7 @@ class ExpressionModel:
                 "normalisation": {"target_sum": 1e4, "log1p": True},
                 "config": self.config.to_dict() if self.is_neural else _jsonable(self.config),
                 "blend": self.blend,
+                "blend_ridge": self.blend_ridge,
                 "training": _jsonable(self.training_info),
                 "history": None if self.history is None else self.history.to_dict(orient="list"),
             }
@@ -449,7 +477,9 @@ class ExpressionModel:
                 from safetensors.torch import save_file
 
                 save_file({k: v.contiguous() for k, v in self._module.state_dict().items()}, tmp / _WEIGHTS_FILE)
-                arrays = self._bank or {}
+                arrays = dict(self._bank or {})
+                if self._probe is not None:
+                    arrays |= {_RIDGE_PREFIX + k: v for k, v in self._probe.get_state().items()}
             else:
                 arrays = self._probe.get_state()
             np.savez(tmp / _ARRAYS_FILE, **arrays)
@@ -506,6 +536,7 @@ class ExpressionModel:
             meta["genes"],
             preset=meta["preset"],
             size_um=meta["size_um"],
+            blend_ridge=meta.get("blend_ridge", False) if meta["preset"] in NEURAL_PRESETS else None,
             **{k: v for k, v in config.items() if k not in ("features", "patch_um")},
         )
         model.blend = meta.get("blend")
@@ -529,7 +560,12 @@ class ExpressionModel:
                     f"{str(path)!r}: the weights do not fit the saved configuration or are corrupt ({str(err)[:300]})."
                 ) from err
             model._module = module.eval()
-            model._bank = arrays or None
+            ridge = {k.removeprefix(_RIDGE_PREFIX): v for k, v in arrays.items() if k.startswith(_RIDGE_PREFIX)}
+            if ridge:
+                from ._baselines import RidgeProbe
+
+                model._probe = RidgeProbe("handcrafted").set_state(ridge)
+            model._bank = {k: v for k, v in arrays.items() if not k.startswith(_RIDGE_PREFIX)} or None
         else:
             from ._baselines import RidgeProbe
 

@@ -9,7 +9,7 @@ NEURAL_PRESETS: dict[str, dict[str, Any]] = {
     # The reference method as published: ViT tokens, soft-target contrastive + masked reconstruction, retrieval.
     "cmrc": {},
     # Beyond the reference: a small CNN that trains on 2 CPU cores, a 3x context patch, a regression head blended
-    # with retrieval, and colour, stain and resolution augmentation.
+    # with retrieval and with a ridge probe on hand-crafted features, and colour, stain and resolution augmentation.
     "default": {
         "encoder": "sth_tinycnn",
         "img_size": 112,
@@ -32,6 +32,9 @@ BASELINE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PRESETS = (*NEURAL_PRESETS, *BASELINE_PRESETS)
+
+# Neural presets that also fit a ridge probe on hand-crafted features and blend it in (chosen on validation spots).
+RIDGE_BLEND_PRESETS = ("default",)
 
 
 def check_preset(preset: str) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import datetime
 import logging
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -57,6 +60,23 @@ class _SpotDataset:
         return {"image": torch.from_numpy(self.patches[i]), "expression": torch.from_numpy(self.targets[i])}
 
 
+@contextlib.contextmanager
+def _quiet_lightning():
+    """Silence lightning's banners, tips and internal deprecation warnings: noise in a notebook."""
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def _make_callbacks(patience: int | None):
     import lightning as L
 
@@ -106,6 +126,7 @@ def train(
     seed: int,
     progress_bar: bool,
     patience: int | None,
+    max_time: float | None = None,
 ) -> tuple[pd.DataFrame, int]:
     """Fit ``module`` and load its best weights; returns the history and the best epoch."""
     import lightning as L
@@ -133,30 +154,23 @@ def train(
     val_loader = DataLoader(_SpotDataset(*val_data), shuffle=False, **loader_args)
     use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     callbacks = _make_callbacks(patience)
-    trainer = L.Trainer(
-        max_epochs=max_epochs,
-        accelerator="cuda" if use_cuda else ("cpu" if accelerator == "auto" else accelerator),
-        devices=devices,
-        precision="bf16-mixed" if use_cuda else "32-true",
-        deterministic=not use_cuda,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=progress_bar,
-        enable_model_summary=False,
-        callbacks=callbacks,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-    )
-    # lightning's banners and tips are noise in a notebook
-    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.WARNING)
-    try:
+    with _quiet_lightning():
+        trainer = L.Trainer(
+            max_epochs=max_epochs,
+            max_time=None if max_time is None else datetime.timedelta(seconds=max_time),
+            accelerator="cuda" if use_cuda else ("cpu" if accelerator == "auto" else accelerator),
+            devices=devices,
+            precision="bf16-mixed" if use_cuda else "32-true",
+            deterministic=not use_cuda,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=progress_bar,
+            enable_model_summary=False,
+            callbacks=callbacks,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+        )
         trainer.fit(module, train_loader, val_loader)
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
     history, best = callbacks[0], callbacks[1]
     if best.state is not None:
         module.load_state_dict(best.state)
