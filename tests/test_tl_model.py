@@ -68,6 +68,7 @@ def test_cmrc_end_to_end(split, genes, cmrc_model):
     np.testing.assert_allclose(pred.obsm["spatial"], measured.obsm["spatial"])
     assert pred.obsm["X_he"].shape == (measured.n_obs, 256)
     assert pred.uns["predict_expression"]["model"]["preset"] == "cmrc"
+    assert pred.uns["predict_expression"]["coordinate_systems"] == {"C6_spots": "C6"}
     # retrieval averages 50 training spots: each prediction is a mean of real training profiles
     train_max = sth.tl._data.measured_targets(train.tables["table"], genes).max(0)
     assert (pred.X <= train_max + 1e-5).all()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from st_from_he._docs import inject_docs
 from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY
 
 from ._utils import finish, styled
@@ -38,6 +39,7 @@ def _cluster_order(corr: np.ndarray) -> np.ndarray:
 
 
 @styled
+@inject_docs
 def gene_correlation(
     sdata: SpatialData,
     genes: str | Sequence[str] = "heg",
@@ -78,24 +80,12 @@ def gene_correlation(
         Size of the ``"heg"`` and ``"hvg"`` sets.
     markers
         Marker genes of the ``"markers"`` set; default :data:`~st_from_he.tl.BREAST_MARKERS`.
-    layer
-        Layer of the measured table holding raw counts; ``None`` uses ``X``.
-    normalize
-        How measured values become targets: ``None`` normalises raw counts to ``log1p`` CP10k and refuses other
-        values, ``True`` normalises any non-negative values, ``False`` takes them as they are (see
-        :func:`~st_from_he.tl.evaluate`).
+    {measured_params}
     cluster
         Order genes by clustering; otherwise keep the gene set's order.
     cmap
         Diverging colour map.
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
-    save
-        File to save the figure to.
-
-    Returns
-    -------
-    The figure if ``return_fig``, else ``None``.
+    {plot_output}
 
     Examples
     --------

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from st_from_he._docs import inject_docs
+
 from ._utils import finish, new_figure, styled
 
 if TYPE_CHECKING:
@@ -69,6 +71,7 @@ def _panels(df: pd.DataFrame, keys: Sequence[str] | None) -> dict[str, dict[str,
 
 
 @styled
+@inject_docs
 def training_history(
     history,
     *,
@@ -106,14 +109,7 @@ def training_history(
         Axes to draw into (only when there is one panel, e.g. with ``keys=["train_loss", "val_loss"]``).
     title
         Figure title; default ``"Training history"``.
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
-    save
-        File to save the figure to.
-
-    Returns
-    -------
-    The figure if ``return_fig``, else ``None``.
+    {plot_output}
 
     Examples
     --------

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 import pandas as pd
 
+from st_from_he._docs import inject_docs
+
 from ._utils import finish, new_figure, styled
 
 if TYPE_CHECKING:
@@ -90,6 +92,7 @@ def _ordered(values: Sequence[str], preferred: Sequence[str] = ()) -> list[str]:
 
 
 @styled
+@inject_docs
 def metrics(
     results: pd.DataFrame | Mapping,
     *,
@@ -129,14 +132,7 @@ def metrics(
         Colours of the methods: a list or a colormap name; default ``tab10``.
     ax
         Axes to draw into; a new figure otherwise.
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
-    save
-        File to save the figure to.
-
-    Returns
-    -------
-    The figure if ``return_fig``, else ``None``.
+    {plot_output}
 
     Examples
     --------

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from st_from_he._docs import inject_docs
 from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY
 
 from ._utils import (
@@ -55,6 +56,7 @@ def _pcc_label(r: float, constant: bool) -> str:
 
 
 @styled
+@inject_docs
 def predicted_vs_measured(
     sdata: SpatialData,
     genes: str | Sequence[str],
@@ -94,12 +96,7 @@ def predicted_vs_measured(
         Table of predicted expression.
     measured_key
         Table of measured raw counts.
-    layer
-        Layer of the measured table holding raw counts; ``None`` uses ``X``.
-    normalize
-        How measured values become targets: ``None`` normalises raw counts to ``log1p`` CP10k and refuses other
-        values, ``True`` normalises any non-negative values, ``False`` takes them as they are (see
-        :func:`~st_from_he.tl.evaluate`).
+    {measured_params}
     cmap
         Colour map of the expression maps.
     spot_scale
@@ -112,14 +109,7 @@ def predicted_vs_measured(
         Scatter panels per row.
     panel_size
         Width of a panel in inches.
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
-    save
-        File to save the figure to (format from the suffix).
-
-    Returns
-    -------
-    The figure if ``return_fig``, else ``None``.
+    {plot_output}
 
     Examples
     --------
@@ -193,6 +183,7 @@ def predicted_vs_measured(
 
 
 @styled
+@inject_docs
 def tumor_map(
     sdata: SpatialData,
     *,
@@ -246,14 +237,7 @@ def tumor_map(
         Axes to draw into; a new figure otherwise.
     panel_size
         Width of the panel in inches (new figure only).
-    return_fig
-        Return the :class:`~matplotlib.figure.Figure`.
-    save
-        File to save the figure to.
-
-    Returns
-    -------
-    The figure if ``return_fig``, else ``None``.
+    {plot_output}
 
     Examples
     --------

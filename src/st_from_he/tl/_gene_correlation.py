@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from st_from_he._docs import inject_docs
 from st_from_he._logging import logger
 from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY
 
@@ -79,6 +80,7 @@ def _gene_correlation(
     }
 
 
+@inject_docs
 def gene_correlation(
     sdata: SpatialData,
     *,
@@ -118,12 +120,7 @@ def gene_correlation(
         Size of the ``"heg"`` and ``"hvg"`` sets.
     markers
         Marker genes of the ``"markers"`` set; default :data:`~st_from_he.tl.BREAST_MARKERS`.
-    layer
-        Layer of the measured table holding raw counts; ``None`` uses ``X``.
-    normalize
-        How measured values become targets: ``None`` normalises raw counts to ``log1p`` CP10k and refuses other
-        values, ``True`` normalises any non-negative values, ``False`` takes them as they are (see
-        :func:`~st_from_he.tl.evaluate`).
+    {measured_params}
     key_added
         Key in the prediction table's ``uns`` under which results are stored, per section.
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from st_from_he._docs import inject_docs
 from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY
 
 if TYPE_CHECKING:
@@ -95,6 +96,7 @@ def _select_genes(
     raise ValueError(f"Unknown gene set {name!r}; the built-in sets are {list(GENE_SETS)}.")
 
 
+@inject_docs
 def gene_set(
     sdata: SpatialData,
     name: str = "heg",
@@ -131,12 +133,7 @@ def gene_set(
         when it exists), or ``None`` for every measured gene.
     measured_key
         Table of measured raw counts.
-    layer
-        Layer of the measured table holding raw counts; ``None`` uses ``X``.
-    normalize
-        How measured values become targets: ``None`` normalises raw counts to ``log1p`` CP10k and refuses other
-        values, ``True`` normalises any non-negative values, ``False`` takes them as they are (see
-        :func:`~st_from_he.tl.evaluate`).
+    {measured_params}
 
     Returns
     -------

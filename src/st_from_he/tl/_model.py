@@ -423,7 +423,9 @@ class ExpressionModel:
             ]
             return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
         device = self.device if device is None else device
-        parts, embeddings = self._predict_parts(patches, device=device, batch_size=batch_size, progress_bar=progress_bar)
+        parts, embeddings = self._predict_parts(
+            patches, device=device, batch_size=batch_size, progress_bar=progress_bar
+        )
         expression = sum(self.blend[name] * parts[name] for name in parts)
         return expression.astype(np.float32), embeddings
 

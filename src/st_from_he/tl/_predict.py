@@ -61,7 +61,13 @@ def predict_expression(
     - ``obs``: ``sample``, ``region`` (circles element) and ``spot_id`` (circle index); ``obs_names`` those of the
       measured table for measured spots, else ``f"{shapes_key}-{index}"``;
     - ``obsm["spatial"]``: spot centres in pixels; ``obsm["X_he"]``: image embeddings;
-    - ``uns["predict_expression"]``: parameters, model preset, genes, patch geometry and units.
+    - ``uns["predict_expression"]``: parameters, model preset, genes, patch geometry, units, and
+      ``"coordinate_systems"``, each circles element's micrometre coordinate system (what squidpy calls
+      ``elements_to_coordinate_systems``).
+
+    The table works with squidpy as it is, e.g. ``sq.gr.spatial_neighbors(sdata.tables[key_added],
+    coord_type="grid", n_neighs=4)`` (pixel coordinates, ``library_key="sample"`` for several sections) or, in
+    micrometres, ``sq.gr.spatial_neighbors(sdata, table_key=key_added, elements_to_coordinate_systems=...)``.
 
     Examples
     --------
@@ -124,6 +130,8 @@ def predict_expression(
             "trained_on": list(model.training_info.get("samples", [])),
         },
         "units": "log1p(counts per 10,000)",
+        # each circles element's micrometre coordinate system: squidpy's `elements_to_coordinate_systems`
+        "coordinate_systems": {str(r): str(smp) for r, smp in obs[[REGION_KEY, SAMPLE_KEY]].drop_duplicates().values},
     }
     regions = list(dict.fromkeys(obs[REGION_KEY].astype(str)))
     sdata.tables[key_added] = TableModel.parse(table, region=regions, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
