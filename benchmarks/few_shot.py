@@ -48,6 +48,9 @@ def main() -> None:
     res.to_csv(out / "few_shot.csv", index=False)
     table = res.pivot_table(index="n_train_spots", columns=["gene_set", "method"], values="pearson").round(3)
     table = table.reindex(columns=["hvg", "heg", "markers"], level=0)
+    table.columns = [
+        f"{gene_set.upper() if gene_set != 'markers' else 'markers'}: {method}" for gene_set, method in table.columns
+    ]
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.4), sharey=True, layout="constrained")
     for ax, gene_set in zip(axes, ("hvg", "heg", "markers"), strict=True):
