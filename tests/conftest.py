@@ -14,8 +14,8 @@ def _data_folder(name: str) -> Path:
     """``$ST_FROM_HE_DATA_DIR/name`` if that variable is set and holds it, else ``../shared/data/name``."""
     env = os.environ.get("ST_FROM_HE_DATA_DIR")
     if env and (Path(env) / name).is_dir():
-        return Path(env) / name
-    return _DEFAULT_DATA / name
+        return (Path(env) / name).resolve()  # absolute: tests link to it from temporary folders
+    return (_DEFAULT_DATA / name).resolve()
 
 
 HER2ST = _data_folder("her2st")
