@@ -200,20 +200,16 @@ def cross_validate(
         "fit_seconds",
         "predict_seconds",
     ]
-    summary = pd.concat(summaries, ignore_index=True)[columns]
-    summary.attrs["cross_validate"] = {
-        "groups": groups if isinstance(groups, str) else "custom",
-        "methods": {name: preset for name, (preset, _) in methods.items()},
-        "n_top": n_top,
-        "max_epochs": max_epochs,
-        "seed": seed,
-        "n_genes": n_genes,
-    }
-    if not return_per_gene:
-        return summary
-    per_gene = pd.concat(per_genes, ignore_index=True)
-    first = ["fold", "group", "method"]
-    return summary, per_gene[first + [c for c in per_gene.columns if c not in first]]
+    params = {"groups": groups if isinstance(groups, str) else "custom", "n_top": n_top}
+    return _results(
+        summaries,
+        per_genes,
+        columns,
+        ["fold", "group", "method"],
+        return_per_gene,
+        "cross_validate",
+        params | _shared_params(methods, max_epochs, seed, n_genes),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -379,25 +375,36 @@ def few_shot(
         "fit_seconds",
         "predict_seconds",
     ]
-    summary = pd.concat(summaries, ignore_index=True)[columns]
-    summary.attrs["few_shot"] = {
-        "methods": {name: preset for name, (preset, _) in methods.items()},
-        "n_train_spots": sizes,
-        "n_repeats": int(n_repeats),
-        "max_epochs": max_epochs,
-        "seed": seed,
-        "n_genes": n_genes,
-    }
-    if not return_per_gene:
-        return summary
-    per_gene = pd.concat(per_genes, ignore_index=True)
-    first = ["method", "n_train_spots", "repeat"]
-    return summary, per_gene[first + [c for c in per_gene.columns if c not in first]]
+    params = {"n_train_spots": sizes, "n_repeats": int(n_repeats)}
+    return _results(
+        summaries,
+        per_genes,
+        columns,
+        ["method", "n_train_spots", "repeat"],
+        return_per_gene,
+        "few_shot",
+        params | _shared_params(methods, max_epochs, seed, n_genes),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # shared work
 # --------------------------------------------------------------------------------------------------------------------
+def _shared_params(methods, max_epochs, seed, n_genes) -> dict[str, Any]:
+    methods = {name: preset for name, (preset, _) in methods.items()}
+    return {"methods": methods, "max_epochs": max_epochs, "seed": seed, "n_genes": n_genes}
+
+
+def _results(summaries, per_genes, columns, first, return_per_gene, name, params):
+    """The tidy summary (call parameters in ``attrs[name]``), and the per-gene table with ``first`` columns first."""
+    summary = pd.concat(summaries, ignore_index=True)[columns]
+    summary.attrs[name] = params
+    if not return_per_gene:
+        return summary
+    per_gene = pd.concat(per_genes, ignore_index=True)
+    return summary, per_gene[first + [c for c in per_gene.columns if c not in first]]
+
+
 def _fit_and_score(
     train: SpatialData,
     test: SpatialData,
