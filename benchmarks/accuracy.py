@@ -8,8 +8,10 @@ as a JPEG and read back like any user file, its resolution inferred from the spo
 evaluation protocol (:func:`st_from_he.tl.evaluate`).
 
 Run: ``python benchmarks/accuracy.py [--data ../shared/data/her2st] [--epochs 20] [--presets default cmrc ridge
-ridge_encoder mean] [--sections C6 ...]``. Prints a table and writes ``benchmarks/results/accuracy.md`` and
-``benchmarks/results/accuracy.csv``.
+ridge_encoder mean] [--sections C6 ...] [--merge]``. Prints a table and writes ``benchmarks/results/accuracy.md``
+and ``benchmarks/results/accuracy.csv``. With ``--merge`` the rows of the presets run replace theirs in the existing
+CSV and the other presets' rows are kept (for re-running only a preset whose code changed); every row records when
+it was measured (``measured_at``) and the report lists the runs.
 """
 
 from __future__ import annotations
@@ -51,6 +53,21 @@ def downsampled_section(data: Path, section: str, factor: float, folder: Path):
     )
 
 
+def folds(sdata, data: Path, sections, n_top: int):
+    """Per held-out section: the training and test sections, the test section read from a 4.6x smaller image, and
+    the genes (chosen on the training sections, kept if measured in the test section)."""
+    import st_from_he as sth
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for section in sections:
+            train, test = sth.pp.split_sections(sdata, test=[section])
+            small = downsampled_section(data, section, DOWNSAMPLE, Path(tmp))
+            measured = set(test.tables["table"].var_names)
+            markers = sth.tl.BREAST_MARKERS
+            genes = [g for g in sth.pp.select_genes(train, n_top=n_top, markers=markers) if g in measured]
+            yield section, train, test, small, genes
+
+
 def _localization(sdata, section: str) -> dict:
     """Tumour AUROC of the predicted marker score against the paper's "cancer" expression clusters (weak labels)."""
     import st_from_he as sth
@@ -69,43 +86,51 @@ def run(args) -> pd.DataFrame:
 
     data = Path(args.data)
     sdata = sth.datasets.her2st(path=data)
+    started = time.strftime("%Y-%m-%d %H:%M")  # one stamp per run, for --merge
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for section in args.sections:
-            train, test = sth.pp.split_sections(sdata, test=[section])
-            small = downsampled_section(data, section, DOWNSAMPLE, Path(tmp))
-            measured = set(test.tables["table"].var_names)
-            genes = [
-                g for g in sth.pp.select_genes(train, n_top=args.n_top, markers=sth.tl.BREAST_MARKERS) if g in measured
-            ]
-            for preset in args.presets:
-                model = sth.tl.ExpressionModel(genes, preset=preset)
-                start = time.perf_counter()
-                budget = {"max_epochs": args.epochs, "max_time": args.budget_s} if model.is_neural else {}
-                model.fit(train, seed=args.seed, progress_bar=False, **budget)
-                fit_s = time.perf_counter() - start
-                for resolution, target in (("full", test), (f"{DOWNSAMPLE}x lower", small)):
-                    sth.tl.predict_expression(target, model, key_added="pred", overwrite=True, progress_bar=False)
-                    summary = sth.tl.evaluate(target, predicted_key="pred")["summary"].loc[section]
-                    row = {
-                        "section": section,
-                        "method": preset,
-                        "resolution": resolution,
-                        "pixel_size_um": sth.pp.extract_patches(target).pixel_size_um[section],
-                        "fit_s": fit_s,
-                        "preservation": summary["preservation"],
-                        "n_constant": summary["n_constant"],
-                        "n_genes": summary["n_genes"],
-                    }
-                    row |= {s: summary[f"pcc_{s}"] for s in SETS}
-                    row |= _localization(target, section)
-                    rows.append(row)
-                    print(
-                        f"{section} {preset:14s} {resolution:10s} HVG {row['hvg']:.3f} HEG {row['heg']:.3f} "
-                        f"markers {row['markers']:.3f} fit {fit_s:.0f} s",
-                        flush=True,
-                    )
+    for section, train, test, small, genes in folds(sdata, data, args.sections, args.n_top):
+        for preset in args.presets:
+            model = sth.tl.ExpressionModel(genes, preset=preset)
+            start = time.perf_counter()
+            budget = {"max_epochs": args.epochs, "max_time": args.budget_s} if model.is_neural else {}
+            model.fit(train, seed=args.seed, progress_bar=False, **budget)
+            fit_s = time.perf_counter() - start
+            for resolution, target in (("full", test), (f"{DOWNSAMPLE}x lower", small)):
+                sth.tl.predict_expression(target, model, key_added="pred", overwrite=True, progress_bar=False)
+                summary = sth.tl.evaluate(target, predicted_key="pred")["summary"].loc[section]
+                row = {
+                    "section": section,
+                    "method": preset,
+                    "resolution": resolution,
+                    "pixel_size_um": sth.pp.extract_patches(target).pixel_size_um[section],
+                    "fit_s": fit_s,
+                    "measured_at": started,
+                    "preservation": summary["preservation"],
+                    "n_constant": summary["n_constant"],
+                    "n_genes": summary["n_genes"],
+                }
+                row |= {s: summary[f"pcc_{s}"] for s in SETS}
+                row |= _localization(target, section)
+                rows.append(row)
+                print(
+                    f"{section} {preset:14s} {resolution:10s} HVG {row['hvg']:.3f} HEG {row['heg']:.3f} "
+                    f"markers {row['markers']:.3f} fit {fit_s:.0f} s",
+                    flush=True,
+                )
     return pd.DataFrame(rows)
+
+
+def merge(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``new`` plus the rows of ``old`` whose (section, method) pair ``new`` did not measure, in the old order."""
+    old = old.copy()
+    if "measured_at" not in old:
+        old["measured_at"] = "an earlier run"
+    key = ["section", "method"]
+    remeasured = old.set_index(key).index.isin(new.set_index(key).index)
+    order = {m: i for i, m in enumerate(dict.fromkeys([*old["method"], *new["method"]]))}
+    merged = pd.concat([old[~remeasured], new], ignore_index=True)
+    merged["_order"] = merged["method"].map(order)
+    return merged.sort_values(["section", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
 
 
 def report(df: pd.DataFrame, args) -> str:
@@ -129,6 +154,17 @@ def report(df: pd.DataFrame, args) -> str:
         "![mean PCC per gene set, method and resolution](accuracy.png)",
         "",
     ]
+    if "measured_at" in df and df["measured_at"].nunique() > 1:
+        runs = df.groupby("measured_at", sort=True)["method"].unique()
+        lines += [
+            "Rows come from more than one run (`--merge`): "
+            + "; ".join(
+                f"{', '.join(sorted(m))} measured {'on' if when[:1].isdigit() else 'in'} {when}"
+                for when, m in runs.items()
+            )
+            + ".",
+            "",
+        ]
     for resolution, block in mean.groupby(level="resolution", sort=False):
         block = block.droplevel("resolution")
         baselines = block.drop(index=[m for m in ("default", "cmrc") if m in block.index])
@@ -183,6 +219,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(HERE / "results"))
     parser.add_argument("--from-csv", action="store_true", help="only rewrite the report and figure from the CSV")
+    parser.add_argument("--merge", action="store_true", help="keep the existing CSV's rows of presets not run")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(exist_ok=True)
@@ -194,6 +231,9 @@ def main() -> None:
 
         torch.set_num_threads(2)
         df = run(args)
+        if args.merge and (out / "accuracy.csv").exists():
+            df = merge(pd.read_csv(out / "accuracy.csv"), df)
+            args.sections = list(dict.fromkeys(df["section"]))
         df.to_csv(out / "accuracy.csv", index=False)
     figure(df, out / "accuracy.png")
     text = report(df, args)

@@ -21,6 +21,7 @@ from st_from_he.models import (
     RegressionHead,
     SNNGeneTokens,
     combine_losses,
+    lower_resolution,
     reconstruction_loss,
     retrieve,
     soft_contrastive_loss,
@@ -54,7 +55,8 @@ def test_config_defaults_are_the_reference():
     assert (c.mask_ratio, c.n_fusion_blocks, c.lr, c.weight_decay, c.top_k) == (0.5, 2, 1e-4, 1e-3, 50)
     assert c.context_scales == (1.0,) and c.contrastive and c.use_reconstruction
     assert not (c.neighbour_attention or c.regression_head)
-    assert c.augment_flips and c.augment_rot90 and c.augment_color == c.augment_stain == c.augment_rescale == 0
+    assert c.augment_flips and c.augment_rot90
+    assert c.augment_color == c.augment_stain == c.augment_rescale == c.augment_lowres == 0
 
 
 def test_config_json_round_trip():
@@ -334,9 +336,28 @@ def test_optional_augmentations():
         assert not torch.allclose(out, images, atol=1e-3)
         back = out * std.view(3, 1, 1) + mean.view(3, 1, 1)
         assert back.min() > -1e-4 and back.max() < 1 + 1e-4  # stays a valid RGB image
+    # The blur keeps each image's mean (area average, then interpolation) and is given to about half the samples.
+    many = images.repeat(16, 1, 1, 1, 1)
+    blurred = BatchAugment(flips=False, rot90=False, lowres=4.0)(many)
+    changed = (blurred - many).abs().flatten(1).amax(1) > 1e-4
+    assert 16 < changed.sum() < 48
+    assert torch.allclose(blurred.mean((-2, -1)), many.mean((-2, -1)), atol=0.15)  # 16 px: border effects
     # A tiny stain jitter is nearly the identity: the RGB -> HED -> RGB round trip is exact.
     near = BatchAugment(flips=False, rot90=False, stain=1e-6)(images)
     assert torch.allclose(near, images, atol=1e-3)
+
+
+def test_lower_resolution_removes_detail_above_the_factor():
+    torch.manual_seed(0)
+    images = torch.rand(3, 2, 3, 32, 32)
+    out = lower_resolution(images, torch.tensor([1.0, 2.0, 8.0]))
+    assert out.shape == images.shape and torch.equal(out[0], images[0])  # factor 1: untouched
+    # a 2x coarser scan keeps more of the pixel-level variance than an 8x coarser one
+    detail = [(out[i] - out[i].mean((-2, -1), keepdim=True)).std().item() for i in range(3)]
+    assert detail[0] > detail[1] > detail[2]
+    # both scales of a sample share the factor: identical inputs stay identical
+    same = lower_resolution(images[:, :1].repeat(1, 2, 1, 1, 1), torch.tensor([1.0, 3.0, 5.0]))
+    assert torch.equal(same[:, 0], same[:, 1])
 
 
 # -- retrieval ----------------------------------------------------------------------------------------------------

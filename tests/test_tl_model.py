@@ -158,6 +158,10 @@ def test_default_preset_blends_regression_retrieval_and_ridge(tmp_path, split, g
     # the blend is the best of its grid on validation spots, so never below its components there
     scores = model.training_info["validation_pcc"]
     assert scores["blend"] >= max(scores["regression"], scores["retrieval"], scores["ridge"]) - 1e-9
+    # predictions retrieve from every measured spot (validation spots join the bank once the blend is chosen)
+    info = model.training_info
+    assert len(model._bank["expression"]) == info["n_train_spots"] + info["n_val_spots"]
+    assert model._probe.lowres == model.config.augment_lowres == 4.0  # the probe is trained on blurred copies too
 
 
 def test_few_shot_subset_of_spots(split, genes):
@@ -209,3 +213,21 @@ def test_he_only_slide_on_a_pseudo_spot_grid(tmp_path, split, cmrc_model):
     assert pred.n_obs == len(he_only.shapes[key]) > 20
     assert (pred.obs["region"] == key).all()
     assert np.isfinite(pred.X).all()
+
+
+def test_val_sections_must_be_a_list(genes):
+    with pytest.raises(ValueError, match="list of sample ids"):
+        sth.tl.ExpressionModel(genes).fit(sdata=None, val_sections="C5")
+
+
+def test_ridge_with_blur_augmentation(split, genes):
+    train, test = split
+    spots = list(train.tables["table"].obs_names[:60])
+    plain = sth.tl.ExpressionModel(genes, preset="ridge", img_size=32).fit(train, spots=spots)
+    blurred = sth.tl.ExpressionModel(genes, preset="ridge", img_size=32, lowres=4).fit(train, spots=spots)
+    assert blurred._probe.lowres == 4 and plain._probe.lowres == 0
+    patches = sth.pp.extract_patches(test, size_um=112, size_px=32, context=(1.0, 3.0))[:20]
+    a, b = plain.predict_patches(patches)[0], blurred.predict_patches(patches)[0]
+    assert np.isfinite(b).all() and not np.allclose(a, b)  # the blurred copies change the fit
+    with pytest.raises(TypeError, match="does not take"):
+        sth.tl.ExpressionModel(genes, preset="ridge", lowres_factor=4)

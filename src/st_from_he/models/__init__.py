@@ -3,7 +3,7 @@
 This subpackage knows tensors only; :mod:`st_from_he.tl` translates between SpatialData and these tensors.
 """
 
-from ._augment import BatchAugment
+from ._augment import BatchAugment, lower_resolution
 from ._config import ModelConfig
 from ._context import MultiScaleFusion, NeighbourAttention
 from ._encoders import ImageEncoder, TinyCNN, load_encoder_weights
@@ -28,6 +28,7 @@ __all__ = [
     "TinyCNN",
     "combine_losses",
     "load_encoder_weights",
+    "lower_resolution",
     "reconstruction_loss",
     "retrieve",
     "soft_contrastive_loss",

@@ -1,4 +1,4 @@
-"""Batch image augmentations run on the training device: flips, 90-degree rotations, colour, stain and zoom."""
+"""Batch image augmentations run on the training device: flips, 90-degree rotations, colour, stain, zoom and blur."""
 
 from __future__ import annotations
 
@@ -15,6 +15,34 @@ _LUMA = (0.299, 0.587, 0.114)
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, device: torch.device) -> torch.Tensor:
     return torch.empty(shape, device=device).uniform_(low, high)
+
+
+def lower_resolution(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Keep only the detail of an image scanned ``factor`` times coarser: area-downsample, then bilinear-upsample back.
+
+    Parameters
+    ----------
+    images
+        Float images ``(B, M, 3, H, W)`` (``M`` context scales of each sample, all treated alike).
+    factor
+        Per-sample factor ``(B,)``; samples with a factor at or below 1 are returned unchanged.
+
+    Returns
+    -------
+    Images of the same shape, dtype and device.
+    """
+    b, m, c, h, w = images.shape
+    out = images.clone()
+    sizes = (h / factor.clamp_min(1)).round().clamp_min(4).long()
+    for size in sizes.unique().tolist():  # one resize per distinct target size
+        if size >= h:
+            continue
+        chosen = sizes == size
+        flat = images[chosen].reshape(-1, c, h, w)
+        small = F.interpolate(flat, size=(size, max(1, round(size * w / h))), mode="area")
+        back = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+        out[chosen] = back.reshape(-1, m, c, h, w)
+    return out
 
 
 class BatchAugment(nn.Module):
@@ -39,6 +67,10 @@ class BatchAugment(nn.Module):
     rescale
         Zoom by a factor drawn log-uniformly from ``[1 / (1 + rescale), 1 + rescale]`` about the centre (a
         different scanner resolution), with reflected borders when zooming out; ``0`` is off.
+    lowres
+        Largest factor by which half of the samples are downsampled (area average) and upsampled back (bilinear),
+        the factor drawn log-uniformly from ``[1, lowres]``: the patch then holds only the detail of an image scanned
+        that many times coarser (a Visium "hires" image is about 4x coarser than a 1 um/px patch); ``<= 1`` is off.
     mean
         Channel mean of the normalisation.
     std
@@ -53,11 +85,13 @@ class BatchAugment(nn.Module):
         color: float = 0.0,
         stain: float = 0.0,
         rescale: float = 0.0,
+        lowres: float = 0.0,
         mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
         std: tuple[float, float, float] = (0.229, 0.224, 0.225),
     ):
         super().__init__()
         self.flips, self.rot90, self.color, self.stain, self.rescale = flips, rot90, color, stain, rescale
+        self.lowres = lowres
         self.register_buffer("mean", torch.tensor(mean).view(3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(3, 1, 1), persistent=False)
         self.register_buffer("rgb_from_hed", _RGB_FROM_HED.clone(), persistent=False)
@@ -69,6 +103,8 @@ class BatchAugment(nn.Module):
         x = images.reshape(shape[0], -1, *shape[-3:])
         if self.rescale > 0:
             x = self._rescale(x)
+        if self.lowres > 1:
+            x = self._lower_resolution(x)
         if self.flips:
             x = self._flip(x)
         if self.rot90:
@@ -110,6 +146,12 @@ class BatchAugment(nn.Module):
         flat = x.reshape(b * m, c, h, w)
         grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
         return F.grid_sample(flat, grid, padding_mode="reflection", align_corners=False).reshape(x.shape)
+
+    def _lower_resolution(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        factor = _uniform((b,), 0, math.log(self.lowres), x.device).exp()
+        factor = torch.where(torch.rand(b, device=x.device) < 0.5, factor, torch.ones_like(factor))
+        return lower_resolution(x, factor)
 
     def _color_jitter(self, rgb: torch.Tensor) -> torch.Tensor:
         low, high = 1 - self.color, 1 + self.color

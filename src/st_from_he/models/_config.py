@@ -99,6 +99,9 @@ class ModelConfig:
         Strength of haematoxylin-eosin-DAB stain jitter, ``0`` off (e.g. ``0.05``).
     augment_rescale
         Random zoom by a factor in ``[1 / (1 + r), 1 + r]`` to mimic other scanner resolutions, ``0`` off.
+    augment_lowres
+        Largest factor of the random blur (downsample, upsample back) given to half of the training patches, to mimic
+        images scanned at a coarser resolution than the patch's; ``<= 1`` off.
     """
 
     encoder: str = "vit_small_patch16_224"
@@ -137,6 +140,7 @@ class ModelConfig:
     augment_color: float = 0.0
     augment_stain: float = 0.0
     augment_rescale: float = 0.0
+    augment_lowres: float = 0.0
 
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:

@@ -87,6 +87,7 @@ class ExpressionModule(L.LightningModule):
             color=c.augment_color,
             stain=c.augment_stain,
             rescale=c.augment_rescale,
+            lowres=c.augment_lowres,
             mean=c.image_mean,
             std=c.image_std,
         )

@@ -21,12 +21,27 @@ class RidgeProbe:
         timm name of the frozen encoder for ``features="encoder"``.
     encoder_weights
         Weights of that encoder (``None``: random initialisation).
+    lowres
+        If above 1, also fit on a copy of every training patch blurred as if scanned up to ``lowres`` times coarser
+        (:func:`~st_from_he.models.lower_resolution`), so that the probe holds up on lower-resolution images.
+    seed
+        Seed of the blur factors.
     """
 
-    def __init__(self, features: str | None = "handcrafted", encoder: str = "resnet18", encoder_weights=None):
+    def __init__(
+        self,
+        features: str | None = "handcrafted",
+        encoder: str = "resnet18",
+        encoder_weights=None,
+        *,
+        lowres: float = 0.0,
+        seed: int = 0,
+    ):
         self.features = features
         self.encoder = encoder
         self.encoder_weights = encoder_weights
+        self.lowres = lowres
+        self.seed = seed
         self.state: dict[str, np.ndarray] = {}
         self._encoder_module = None
 
@@ -66,6 +81,9 @@ class RidgeProbe:
 
         targets = np.asarray(targets, dtype=np.float64)
         x = self._features(patches)
+        if self.lowres > 1 and x.shape[1]:
+            x = np.concatenate([x, self._features(self._blurred(patches))])
+            targets = np.concatenate([targets, targets])
         mean = targets.mean(0)
         state = {"target_mean": mean.astype(np.float32)}
         if x.shape[1]:
@@ -79,6 +97,22 @@ class RidgeProbe:
             }
         self.state = state
         return self
+
+    def _blurred(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """A copy of uint8 patches ``(n, [s,] 3, h, w)``, each blurred by a factor log-uniform in ``[1, lowres]``."""
+        import torch
+
+        from st_from_he.models import lower_resolution
+
+        factors = np.exp(np.random.default_rng(self.seed).uniform(0, np.log(self.lowres), len(patches)))
+        out = np.empty_like(patches)
+        for i in range(0, len(patches), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(patches[i : i + batch_size])).float()
+            shape = x.shape
+            x = x.reshape(len(x), -1, *shape[-3:])
+            y = lower_resolution(x, torch.from_numpy(factors[i : i + batch_size]).float())
+            out[i : i + batch_size] = y.reshape(shape).round().clamp(0, 255).to(torch.uint8).numpy()
+        return out
 
     def predict(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted log-normalised expression ``(n, genes)`` and the standardised features used ``(n, f)``."""

@@ -33,9 +33,9 @@ class ExpressionModel:
     A model is a preset (an architecture and its training recipe) plus the genes it predicts:
 
     - ``"default"``: a small CNN over the spot patch and a 3x context patch, trained with the soft-target
-      contrastive loss, masked cross-modal reconstruction and a regression head, with colour, stain and resolution
-      augmentation; predictions blend retrieval, regression and a ridge probe on hand-crafted features with weights
-      chosen on validation spots.
+      contrastive loss, masked cross-modal reconstruction and a regression head, with colour, stain, zoom and blur
+      (lower resolution) augmentation; predictions blend retrieval, regression and a ridge probe on hand-crafted
+      features (also fitted on blurred patches) with weights chosen on validation spots.
     - ``"cmrc"``: the faithful reference method (ViT tokens, soft-target contrastive loss with tau = 1, masked
       cross-modal reconstruction, ``log(1 + L)`` losses, AdamW 1e-4 / 1e-3, cosine schedule, flips and 90-degree
       rotations, retrieval of the top 50 training spots).
@@ -58,8 +58,9 @@ class ExpressionModel:
     **config
         Overrides of the preset's hyperparameters: any field of :class:`st_from_he.models.ModelConfig` for neural
         presets (e.g. ``encoder="resnet18"``, ``encoder_weights="uni.safetensors"``, ``img_size=224``,
-        ``context_scales=(1, 3)``, ``top_k=50``), or ``context_scales``, ``img_size``, ``encoder`` and
-        ``encoder_weights`` for the ridge presets.
+        ``context_scales=(1, 3)``, ``top_k=50``), or ``context_scales``, ``img_size``, ``encoder``,
+        ``encoder_weights`` and ``lowres`` (also fit on copies of the patches blurred up to that many times coarser,
+        e.g. ``lowres=4``; off by default) for the ridge presets.
 
     Examples
     --------
@@ -102,7 +103,7 @@ class ExpressionModel:
                 self.config.context_scales,
             )
         else:
-            unknown = set(config) - {"context_scales", "img_size", "encoder", "encoder_weights"}
+            unknown = set(config) - {"context_scales", "img_size", "encoder", "encoder_weights", "lowres"}
             if unknown:
                 raise TypeError(f"Preset {preset!r} does not take {sorted(unknown)}.")
             self.config = BASELINE_PRESETS[preset] | config
@@ -199,7 +200,7 @@ class ExpressionModel:
         lr
             Learning rate; default: the preset's.
         val_fraction
-            Fraction of spots held out at random for validation (early stopping, best weights, blend weight).
+            Fraction of spots held out at random for validation (early stopping, best weights, blend weights).
         val_sections
             Sample ids held out for validation instead of a random fraction of spots.
         spots
@@ -223,6 +224,8 @@ class ExpressionModel:
         -------
         The fitted model itself; :attr:`history` holds per-epoch losses (neural presets).
         """
+        if isinstance(val_sections, str):
+            raise ValueError(f"`val_sections` must be a list of sample ids, got the string {val_sections!r}.")
         progress_bar = settings.progress_bar if progress_bar is None else progress_bar
         with timed(f"Cutting training patches ({self.size_um:g} um, {self.size_px} px, context {self.context})"):
             data = self._arrays(sdata, table_key=table_key, fill_missing_genes=fill_missing_genes, spots=spots)
@@ -233,6 +236,7 @@ class ExpressionModel:
             "samples": sorted(data.obs["sample"].unique()),
             "n_train_spots": int(len(train_idx)),
             "n_val_spots": int(len(val_idx)),
+            "val_sections": None if val_sections is None else list(val_sections),
             "seed": seed,
         }
         if not self.is_neural:
@@ -242,7 +246,11 @@ class ExpressionModel:
             self.training_info |= {"n_train_spots": len(data.patches), "n_val_spots": 0}
             with timed(f"Fitting the {self.preset!r} baseline on {len(data.patches)} spots"):
                 self._probe = RidgeProbe(
-                    self.config["features"], self.config.get("encoder", "resnet18"), self.config.get("encoder_weights")
+                    self.config["features"],
+                    self.config.get("encoder", "resnet18"),
+                    self.config.get("encoder_weights"),
+                    lowres=self.config.get("lowres", 0.0),
+                    seed=seed,
                 )
                 self._probe.fit(data.patches, data.targets)
             return self
@@ -310,15 +318,19 @@ class ExpressionModel:
         self.training_info["best_epoch"] = best_epoch
         self._module = module
         self._bank = None
+        bank = None
         if self.config.contrastive:
-            self._bank = {"expression": data.targets}
-            self._bank["embedding"] = self._embed_expression(data.targets)
+            bank = {"expression": data.targets, "embedding": self._embed_expression(data.targets)}
+            # validation spots must not retrieve their own expression while the blend is chosen
+            self._bank = {name: values[train_idx] for name, values in bank.items()}
         if self.blend_ridge:
             from ._baselines import RidgeProbe
 
             with timed(f"Fitting the hand-crafted ridge probe on {len(train_idx)} spots"):
-                self._probe = RidgeProbe("handcrafted").fit(data.patches[train_idx], data.targets[train_idx])
+                self._probe = RidgeProbe("handcrafted", lowres=self.config.augment_lowres, seed=seed)
+                self._probe.fit(data.patches[train_idx], data.targets[train_idx])
         self.blend = self._choose_blend(data.subset(val_idx))
+        self._bank = bank  # predictions retrieve from every measured spot
 
     def _embed_expression(self, expression: np.ndarray, batch_size: int = 256) -> np.ndarray:
         import torch

@@ -9,7 +9,7 @@ NEURAL_PRESETS: dict[str, dict[str, Any]] = {
     # The reference method as published: ViT tokens, soft-target contrastive + masked reconstruction, retrieval.
     "cmrc": {},
     # Beyond the reference: a small CNN that trains on 2 CPU cores, a 3x context patch, a regression head blended
-    # with retrieval and with a ridge probe on hand-crafted features, and colour, stain and resolution augmentation.
+    # with retrieval and with a ridge probe on hand-crafted features, and colour, stain, zoom and blur augmentation.
     "default": {
         "encoder": "sth_tinycnn",
         "img_size": 112,
@@ -19,6 +19,7 @@ NEURAL_PRESETS: dict[str, dict[str, Any]] = {
         "augment_color": 0.1,
         "augment_stain": 0.05,
         "augment_rescale": 0.25,
+        "augment_lowres": 4.0,
         "lr": 1e-3,
         "max_epochs": 20,
     },
