@@ -6,6 +6,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 from ._logging import logger
@@ -79,7 +80,9 @@ def _write_predictions(sdata, path: Path) -> None:
     light = sd.SpatialData(shapes=dict(sdata.shapes), tables=dict(sdata.tables))
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        light.write(tmp)
+        with warnings.catch_warnings():  # zarr's notice of a future default, printed once per array: noise here
+            warnings.filterwarnings("ignore", message=".*autosharding.*", category=UserWarning)
+            light.write(tmp)
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)

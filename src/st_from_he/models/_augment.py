@@ -30,6 +30,14 @@ def lower_resolution(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor
     Returns
     -------
     Images of the same shape, dtype and device.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from st_from_he.models import lower_resolution
+    >>> images = torch.rand(2, 1, 3, 112, 112)
+    >>> lower_resolution(images, torch.tensor([1.0, 4.0])).shape  # the first image unchanged, the second blurred
+    torch.Size([2, 1, 3, 112, 112])
     """
     b, m, c, h, w = images.shape
     out = images.clone()
@@ -75,6 +83,14 @@ class BatchAugment(nn.Module):
         Channel mean of the normalisation.
     std
         Channel standard deviation of the normalisation.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from st_from_he.models import BatchAugment
+    >>> augment = BatchAugment(color=0.1, stain=0.05, lowres=4)
+    >>> augment(torch.randn(8, 2, 3, 112, 112)).shape  # 8 spots, 2 context scales each
+    torch.Size([8, 2, 3, 112, 112])
     """
 
     def __init__(

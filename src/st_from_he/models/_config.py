@@ -102,6 +102,13 @@ class ModelConfig:
     augment_lowres
         Largest factor of the random blur (downsample, upsample back) given to half of the training patches, to mimic
         images scanned at a coarser resolution than the patch's; ``<= 1`` off.
+
+    Examples
+    --------
+    >>> from st_from_he.models import ModelConfig
+    >>> config = ModelConfig(encoder="resnet18", img_size=224, augment_lowres=4)
+    >>> ModelConfig.from_dict(config.to_dict()).augment_lowres
+    4
     """
 
     encoder: str = "vit_small_patch16_224"
