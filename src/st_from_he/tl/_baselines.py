@@ -82,7 +82,7 @@ class RidgeProbe:
         targets = np.asarray(targets, dtype=np.float64)
         x = self._features(patches)
         if self.lowres > 1 and x.shape[1]:
-            x = np.concatenate([x, self._features(self._blurred(patches))])
+            x = np.concatenate([x, self._blurred_features(patches)])
             targets = np.concatenate([targets, targets])
         mean = targets.mean(0)
         state = {"target_mean": mean.astype(np.float32)}
@@ -98,21 +98,25 @@ class RidgeProbe:
         self.state = state
         return self
 
-    def _blurred(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """A copy of uint8 patches ``(n, [s,] 3, h, w)``, each blurred by a factor log-uniform in ``[1, lowres]``."""
+    def _blurred_features(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """Features of uint8 patches ``(n, [s,] 3, h, w)``, each blurred by a factor log-uniform in ``[1, lowres]``.
+
+        Batch by batch, so that no blurred copy of all the patches is held in memory.
+        """
         import torch
 
         from st_from_he.models import lower_resolution
 
         factors = np.exp(np.random.default_rng(self.seed).uniform(0, np.log(self.lowres), len(patches)))
-        out = np.empty_like(patches)
+        features = []
         for i in range(0, len(patches), batch_size):
             x = torch.from_numpy(np.ascontiguousarray(patches[i : i + batch_size])).float()
             shape = x.shape
-            x = x.reshape(len(x), -1, *shape[-3:])
-            y = lower_resolution(x, torch.from_numpy(factors[i : i + batch_size]).float())
-            out[i : i + batch_size] = y.reshape(shape).round().clamp(0, 255).to(torch.uint8).numpy()
-        return out
+            y = lower_resolution(
+                x.reshape(len(x), -1, *shape[-3:]), torch.from_numpy(factors[i : i + batch_size]).float()
+            )
+            features.append(self._features(y.reshape(shape).round().clamp(0, 255).to(torch.uint8).numpy()))
+        return np.concatenate(features)
 
     def predict(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Predicted log-normalised expression ``(n, genes)`` and the standardised features used ``(n, f)``."""
