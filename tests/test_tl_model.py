@@ -162,6 +162,19 @@ def test_default_preset_blends_regression_retrieval_and_ridge(tmp_path, split, g
     info = model.training_info
     assert len(model._bank["expression"]) == info["n_train_spots"] + info["n_val_spots"]
     assert model._probe.lowres == model.config.augment_lowres == 4.0  # the probe is trained on blurred copies too
+    # the blend is scored on the validation spots' 50 most variable and 50 most expressed genes: here all 40
+    assert info["blend_genes"] == len(genes)
+
+
+def test_informative_genes_are_the_most_variable_and_most_expressed():
+    from st_from_he.tl._model import informative_genes
+
+    rng = np.random.default_rng(0)
+    targets = rng.normal(0, 0.1, (200, 30))
+    targets[:, 3] += 5  # highly expressed, barely variable
+    targets[:, 7] *= 20  # highly variable
+    assert set(informative_genes(targets, 1)) == {3, 7}
+    assert len(informative_genes(targets, 100)) == 30  # more than the genes: all of them, once each
 
 
 def test_few_shot_subset_of_spots(split, genes):
@@ -231,3 +244,55 @@ def test_ridge_with_blur_augmentation(split, genes):
     assert np.isfinite(b).all() and not np.allclose(a, b)  # the blurred copies change the fit
     with pytest.raises(TypeError, match="does not take"):
         sth.tl.ExpressionModel(genes, preset="ridge", lowres_factor=4)
+
+
+def test_ridge_standardised_per_section(tmp_path, split, genes):
+    train, test = split
+    model = sth.tl.ExpressionModel(genes, preset="ridge", img_size=32, per_section=True).fit(train)
+    probe = model._probe
+    assert probe.per_section and "pooled_mean" in probe.state
+    sth.tl.predict_expression(test, model, key_added="per_section", progress_bar=False)
+    loaded = sth.tl.ExpressionModel.load(model.save(tmp_path / "ridge"))
+    assert loaded._probe.per_section
+    sth.tl.predict_expression(test, loaded, key_added="loaded", progress_bar=False)
+    np.testing.assert_allclose(test.tables["loaded"].X, test.tables["per_section"].X, rtol=1e-5, atol=1e-6)
+
+    # a section-wide shift of the features (stain, scanner) leaves a per-section probe's predictions unchanged
+    patches = sth.pp.extract_patches(test, size_um=112, size_px=32, context=(1.0, 3.0))
+    features = probe.featurize(np.stack([patches[i] for i in range(len(patches))]))
+    shift = 0.5 * features.std(0)
+    pred, _ = probe.predict_features(features)
+    np.testing.assert_allclose(probe.predict_features(features + shift)[0], pred, rtol=1e-4, atol=1e-4)
+    plain = sth.tl.ExpressionModel(genes, preset="ridge", img_size=32).fit(train)._probe
+    assert not np.allclose(plain.predict_features(features + shift)[0], plain.predict_features(features)[0])
+    # two sections predicted together are standardised each with its own statistics
+    both = np.concatenate([features, features + shift])
+    np.testing.assert_allclose(
+        probe.predict_features(both, groups=["a"] * len(features) + ["b"] * len(features))[0],
+        np.concatenate([pred, pred]),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    # too few spots for their own statistics: the training statistics standardise them, with a log line
+    few = probe.predict_features(features[:5])[0]
+    assert np.isfinite(few).all() and not np.allclose(few, pred[:5])
+    with pytest.raises(ValueError, match="`groups` has 3 entries for"):
+        probe.predict_features(features, groups=["a", "b", "c"])
+
+
+def test_section_standardisation_thresholds():
+    from st_from_he.tl._baselines import MIN_SECTION_SPOTS, MIN_TRAINING_SECTION_SPOTS, RidgeProbe
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 4)) + np.repeat([[0.0], [5.0]], 6, axis=0)  # two sections of 6 spots, far apart
+    groups = np.repeat(["a", "b"], 6)
+    probe = RidgeProbe(per_section=True)
+    probe.state = {"pooled_mean": x.mean(0), "pooled_std": x.std(0)}
+    assert MIN_TRAINING_SECTION_SPOTS <= 6 < MIN_SECTION_SPOTS
+    # training sections this small still use their own statistics (better than pooled, even for few-shot fits) ...
+    own = probe._standardise_sections(x, groups, MIN_TRAINING_SECTION_SPOTS)
+    np.testing.assert_allclose(own[:6].mean(0), 0, atol=1e-9)
+    np.testing.assert_allclose(own[6:].mean(0), 0, atol=1e-9)
+    # ... sections to predict need more spots before their own statistics are trusted
+    pooled = probe._standardise_sections(x, groups, MIN_SECTION_SPOTS)
+    np.testing.assert_allclose(pooled, (x - x.mean(0)) / x.std(0))

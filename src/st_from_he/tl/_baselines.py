@@ -6,7 +6,15 @@ from typing import Any
 
 import numpy as np
 
+from st_from_he._logging import logger
+
 _ALPHAS = np.logspace(-1, 5, 13)
+MIN_SECTION_SPOTS = 30
+"""Fewest spots of a section to predict whose own feature statistics standardise it (``per_section=True``);
+smaller groups are standardised with the statistics pooled over the training spots."""
+MIN_TRAINING_SECTION_SPOTS = 5
+"""The same for the training sections: there, even the statistics of a few spots per section (few-shot training)
+fit better than pooled ones (held-out HVG PCC 0.135 against 0.081 with 5 spots per section)."""
 
 
 class RidgeProbe:
@@ -26,6 +34,13 @@ class RidgeProbe:
         (:func:`~st_from_he.models.lower_resolution`), so that the probe holds up on lower-resolution images.
     seed
         Seed of the blur factors.
+    per_section
+        Standardise the features of each section (each group of :meth:`fit` and :meth:`predict`) with that
+        section's own mean and standard deviation before the ridge. Per-gene correlations within a section are
+        blind to section-wide shifts, and this removes the ones that stain, scanner and resolution put into the
+        features. Sections to predict with fewer than :data:`MIN_SECTION_SPOTS` spots (training sections: fewer than
+        :data:`MIN_TRAINING_SECTION_SPOTS`) fall back to the statistics pooled over the training spots.
+
     """
 
     def __init__(
@@ -36,12 +51,14 @@ class RidgeProbe:
         *,
         lowres: float = 0.0,
         seed: int = 0,
+        per_section: bool = False,
     ):
         self.features = features
         self.encoder = encoder
         self.encoder_weights = encoder_weights
         self.lowres = lowres
         self.seed = seed
+        self.per_section = per_section
         self.state: dict[str, np.ndarray] = {}
         self._encoder_module = None
 
@@ -75,17 +92,30 @@ class RidgeProbe:
                 out.append(pooled.reshape(len(pooled) // scales, -1).numpy())
         return np.concatenate(out).astype(np.float32)
 
-    def fit(self, patches: np.ndarray, targets: np.ndarray) -> RidgeProbe:
-        """Fit on uint8 patches ``(n, [s,] 3, h, w)`` and log-normalised targets ``(n, genes)``."""
+    def fit(self, patches: np.ndarray, targets: np.ndarray, groups=None) -> RidgeProbe:
+        """Fit on uint8 patches ``(n, [s,] 3, h, w)`` and log-normalised targets ``(n, genes)``.
+
+        ``groups`` (length ``n``, e.g. the sample of each spot) names the section of each spot, for ``per_section``;
+        ``None``: one section.
+        """
         from sklearn.linear_model import RidgeCV
 
         targets = np.asarray(targets, dtype=np.float64)
+        groups = _groups(groups, len(targets))
         x = self._features(patches)
+        state: dict[str, np.ndarray] = {"per_section": np.array(self.per_section)}
+        if self.per_section and x.shape[1]:
+            state |= {"pooled_mean": x.mean(0), "pooled_std": x.std(0) + 1e-6}
+            self.state = state
+            x = self._standardise_sections(x, groups, MIN_TRAINING_SECTION_SPOTS)
         if self.lowres > 1 and x.shape[1]:
-            x = np.concatenate([x, self._blurred_features(patches)])
+            blurred = self._blurred_features(patches)
+            if self.per_section:
+                blurred = self._standardise_sections(blurred, groups, MIN_TRAINING_SECTION_SPOTS)
+            x = np.concatenate([x, blurred])
             targets = np.concatenate([targets, targets])
         mean = targets.mean(0)
-        state = {"target_mean": mean.astype(np.float32)}
+        state["target_mean"] = mean.astype(np.float32)
         if x.shape[1]:
             f_mean, f_std = x.mean(0), x.std(0) + 1e-6
             ridge = RidgeCV(alphas=_ALPHAS).fit((x - f_mean) / f_std, targets - mean)
@@ -97,6 +127,26 @@ class RidgeProbe:
             }
         self.state = state
         return self
+
+    def _standardise_sections(self, x: np.ndarray, groups: np.ndarray, min_spots: int) -> np.ndarray:
+        """Features z-scored within each group; groups under ``min_spots`` spots with the pooled training statistics."""
+        out = np.empty_like(x, dtype=np.float64)
+        small = []
+        for group in np.unique(groups):
+            rows = groups == group
+            if rows.sum() >= min_spots:
+                mean, std = x[rows].mean(0), x[rows].std(0) + 1e-6
+            else:
+                small.append(str(group))
+                mean, std = self.state["pooled_mean"], self.state["pooled_std"]
+            out[rows] = (x[rows] - mean) / std
+        if small:
+            logger.info(
+                "Section(s) %s have fewer than %d spots: their features are standardised with the training statistics.",
+                ", ".join(small[:5]) + (" ..." if len(small) > 5 else ""),
+                min_spots,
+            )
+        return out
 
     def _blurred_features(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Features of uint8 patches ``(n, [s,] 3, h, w)``, each blurred by a factor log-uniform in ``[1, lowres]``.
@@ -118,15 +168,37 @@ class RidgeProbe:
             features.append(self._features(y.reshape(shape).round().clamp(0, 255).to(torch.uint8).numpy()))
         return np.concatenate(features)
 
-    def predict(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted log-normalised expression ``(n, genes)`` and the standardised features used ``(n, f)``."""
+    def featurize(self, patches: np.ndarray) -> np.ndarray:
+        """The probe's raw features of uint8 patches ``(n, [s,] 3, h, w)``, for :meth:`predict_features`."""
+        return self._features(patches)
+
+    def predict_features(
+        self, features: np.ndarray, groups=None, *, min_section_spots: int = MIN_SECTION_SPOTS
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Predictions from :meth:`featurize` of spots; ``groups`` names their sections (``None``: one section).
+
+        ``min_section_spots``: fewest spots of a section standardised with its own statistics.
+        """
         if not self.state:
             raise RuntimeError("The ridge probe is not fitted; call `fit` first.")
         mean = self.state["target_mean"]
         if "coef" not in self.state:
-            return np.tile(mean, (len(patches), 1)), np.zeros((len(patches), 0), dtype=np.float32)
-        x = (self._features(patches) - self.state["feature_mean"]) / self.state["feature_std"]
+            return np.tile(mean, (len(features), 1)), np.zeros((len(features), 0), dtype=np.float32)
+        x = np.asarray(features, dtype=np.float64)
+        if bool(self.state.get("per_section", False)):
+            x = self._standardise_sections(x, _groups(groups, len(x)), min_section_spots)
+        x = (x - self.state["feature_mean"]) / self.state["feature_std"]
         return (x @ self.state["coef"] + mean).astype(np.float32), x.astype(np.float32)
+
+    def predict(self, patches: np.ndarray, groups=None) -> tuple[np.ndarray, np.ndarray]:
+        """Predicted log-normalised expression ``(n, genes)`` and the standardised features used ``(n, f)``.
+
+        With ``per_section``, pass a whole section at once (or name the sections by ``groups``): its features are
+        standardised with its own statistics.
+        """
+        if not self.state:
+            raise RuntimeError("The ridge probe is not fitted; call `fit` first.")
+        return self.predict_features(self._features(patches), groups)
 
     def get_state(self) -> dict[str, Any]:
         """Arrays that define the fitted probe (saved by :meth:`ExpressionModel.save`)."""
@@ -135,4 +207,15 @@ class RidgeProbe:
     def set_state(self, state: dict[str, np.ndarray]) -> RidgeProbe:
         """Restore a fitted probe from :meth:`get_state`."""
         self.state = {k: np.asarray(v) for k, v in state.items()}
+        self.per_section = bool(self.state.get("per_section", False))
         return self
+
+
+def _groups(groups, n: int) -> np.ndarray:
+    """Section label of each of ``n`` spots as an array (``None``: all in one section)."""
+    if groups is None:
+        return np.zeros(n, dtype=int)
+    groups = np.asarray(groups)
+    if len(groups) != n:
+        raise ValueError(f"`groups` has {len(groups)} entries for {n} spots.")
+    return groups

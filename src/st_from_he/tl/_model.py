@@ -19,11 +19,13 @@ from st_from_he._logging import logger, timed
 from st_from_he._sdata import TABLE_KEY
 from st_from_he._settings import settings
 
+from ._baselines import MIN_SECTION_SPOTS, MIN_TRAINING_SECTION_SPOTS
 from ._data import SpotArrays, as_list, concat_arrays, spot_arrays
 from ._presets import BASELINE_PRESETS, NEURAL_PRESETS, RIDGE_BLEND_PRESETS, check_preset
 
 _FORMAT = 1
 _CONFIG_FILE, _WEIGHTS_FILE, _ARRAYS_FILE = "model.json", "weights.safetensors", "arrays.npz"
+_RIDGE_OPTIONS = frozenset({"context_scales", "img_size", "encoder", "encoder_weights", "lowres", "per_section"})
 _RIDGE_PREFIX = "ridge_"  # arrays of a neural model's ridge probe, beside its retrieval bank
 
 
@@ -35,7 +37,8 @@ class ExpressionModel:
     - ``"default"``: a small CNN over the spot patch and a 3x context patch, trained with the soft-target
       contrastive loss, masked cross-modal reconstruction and a regression head, with colour, stain, zoom and blur
       (lower resolution) augmentation; predictions blend retrieval, regression and a ridge probe on hand-crafted
-      features (also fitted on blurred patches) with weights chosen on validation spots.
+      features (standardised within each section, also fitted on blurred patches) with weights chosen on validation
+      spots (their informative genes, correlated within each section).
     - ``"cmrc"``: the faithful reference method (ViT tokens, soft-target contrastive loss with tau = 1, masked
       cross-modal reconstruction, ``log(1 + L)`` losses, AdamW 1e-4 / 1e-3, cosine schedule, flips and 90-degree
       rotations, retrieval of the top 50 training spots).
@@ -59,8 +62,9 @@ class ExpressionModel:
         Overrides of the preset's hyperparameters: any field of :class:`st_from_he.models.ModelConfig` for neural
         presets (e.g. ``encoder="resnet18"``, ``encoder_weights="uni.safetensors"``, ``img_size=224``,
         ``context_scales=(1, 3)``, ``top_k=50``), or ``context_scales``, ``img_size``, ``encoder``,
-        ``encoder_weights`` and ``lowres`` (also fit on copies of the patches blurred up to that many times coarser,
-        e.g. ``lowres=4``; off by default) for the ridge presets.
+        ``encoder_weights``, ``lowres`` (also fit on copies of the patches blurred up to that many times coarser,
+        e.g. ``lowres=4``; off by default) and ``per_section`` (standardise the features within each section, as the
+        default preset's probe does; off by default) for the ridge presets.
 
     Examples
     --------
@@ -103,7 +107,7 @@ class ExpressionModel:
                 self.config.context_scales,
             )
         else:
-            unknown = set(config) - {"context_scales", "img_size", "encoder", "encoder_weights", "lowres"}
+            unknown = set(config) - _RIDGE_OPTIONS
             if unknown:
                 raise TypeError(f"Preset {preset!r} does not take {sorted(unknown)}.")
             self.config = BASELINE_PRESETS[preset] | config
@@ -251,8 +255,9 @@ class ExpressionModel:
                     self.config.get("encoder_weights"),
                     lowres=self.config.get("lowres", 0.0),
                     seed=seed,
+                    per_section=self.config.get("per_section", False),
                 )
-                self._probe.fit(data.patches, data.targets)
+                self._probe.fit(data.patches, data.targets, groups=data.obs["sample"].to_numpy())
             return self
         self._fit_neural(
             data,
@@ -326,10 +331,11 @@ class ExpressionModel:
         if self.blend_ridge:
             from ._baselines import RidgeProbe
 
+            sections = data.obs["sample"].to_numpy()
             with timed(f"Fitting the hand-crafted ridge probe on {len(train_idx)} spots"):
-                self._probe = RidgeProbe("handcrafted", lowres=self.config.augment_lowres, seed=seed)
-                self._probe.fit(data.patches[train_idx], data.targets[train_idx])
-        self.blend = self._choose_blend(data.subset(val_idx))
+                self._probe = RidgeProbe("handcrafted", lowres=self.config.augment_lowres, seed=seed, per_section=True)
+                self._probe.fit(data.patches[train_idx], data.targets[train_idx], groups=sections[train_idx])
+        self.blend = self._choose_blend(data, val_idx)
         self._bank = bank  # predictions retrieve from every measured spot
 
     def _embed_expression(self, expression: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -343,21 +349,43 @@ class ExpressionModel:
                 ]
             )
 
-    def _choose_blend(self, val: SpotArrays) -> dict[str, float]:
-        """Weights of the prediction components (on a 0.1 simplex grid) maximising mean per-gene PCC on validation."""
-        parts, _ = self._predict_parts(val.patches, device="cpu", progress_bar=False)
+    def _choose_blend(self, data: SpotArrays, val_idx: np.ndarray) -> dict[str, float]:
+        """Weights of the prediction components (on a 0.1 simplex grid) maximising mean PCC on validation spots.
+
+        The PCC is averaged over the validation spots' informative genes (the :data:`BLEND_GENES` most variable and
+        the :data:`BLEND_GENES` most expressed), as evaluation scores HVG and HEG: over all genes, the mostly sparse,
+        barely expressed ones would reward components that only fit the noise of the training sections. Predictions
+        and measurements are centred within each section first, since evaluation correlates within a section: a
+        component must not score by telling the training sections apart. Every spot is predicted, so that the probe
+        standardises each section with the statistics of all its spots.
+        """
+        # the training sections, standardised as in the probe's fit
+        parts, _ = self._predict_parts(
+            data.patches,
+            groups=data.obs["sample"].to_numpy(),
+            min_section_spots=MIN_TRAINING_SECTION_SPOTS,
+            device="cpu",
+            progress_bar=False,
+        )
         names = list(parts)
-        if len(names) == 1 or len(val.patches) < 3:
+        if len(names) == 1 or len(val_idx) < 3:
             return {name: 1 / len(names) for name in names}
+        val = data.subset(val_idx)
+        genes = informative_genes(val.targets, BLEND_GENES)
+        sections = val.obs["sample"].to_numpy()
+        targets = _centre_groups(val.targets[:, genes], sections)
+        parts = {name: _centre_groups(values[val_idx][:, genes], sections) for name, values in parts.items()}
         grid = [w for w in itertools.product(range(11), repeat=len(names)) if sum(w) == 10]
-        scores = [_mean_pcc(sum(wi / 10 * parts[n] for wi, n in zip(w, names, strict=True)), val.targets) for w in grid]
+        scores = [_mean_pcc(sum(wi / 10 * parts[n] for wi, n in zip(w, names, strict=True)), targets) for w in grid]
         best = grid[int(np.nanargmax(scores))]
         blend = {n: wi / 10 for n, wi in zip(names, best, strict=True)}
-        alone = {n: round(_mean_pcc(parts[n], val.targets), 4) for n in names}
+        alone = {n: round(_mean_pcc(parts[n], targets), 4) for n in names}
         self.training_info["validation_pcc"] = alone | {"blend": round(float(np.nanmax(scores)), 4)}
+        self.training_info["blend_genes"] = len(genes)
         logger.info(
-            "Blend chosen on %d validation spots: %s (mean PCC %.3f; alone: %s)",
+            "Blend chosen on %d validation spots and their %d informative genes: %s (mean PCC %.3f; alone: %s)",
             len(val.patches),
+            len(genes),
             ", ".join(f"{n} {w:.1f}" for n, w in blend.items()),
             np.nanmax(scores),
             ", ".join(f"{n} {v:.3f}" for n, v in alone.items()),
@@ -370,7 +398,16 @@ class ExpressionModel:
         if not self.is_fitted:
             raise RuntimeError("The model is not fitted; call `model.fit(sdata)` or `ExpressionModel.load(path)`.")
 
-    def _predict_parts(self, patches, *, device: str, batch_size: int = 64, progress_bar: bool = False):
+    def _predict_parts(
+        self,
+        patches,
+        *,
+        groups=None,
+        min_section_spots: int = MIN_SECTION_SPOTS,
+        device: str,
+        batch_size: int = 64,
+        progress_bar: bool = False,
+    ):
         """Each component's prediction (regression head, retrieval, ridge probe) and the image embeddings."""
         import torch
 
@@ -390,7 +427,7 @@ class ExpressionModel:
             for start in tqdm(starts, disable=not progress_bar, desc="Predicting", unit="batch"):
                 batch = _stack(patches, start, min(start + batch_size, len(patches)))
                 if self._probe is not None:
-                    ridge.append(self._probe.predict(batch)[0])
+                    ridge.append(self._probe.featurize(batch))
                 x = normalise_images(torch.from_numpy(batch).to(device), self.config.image_mean, self.config.image_std)
                 emb = module.embed_images(x)
                 embeddings.append(emb.float().cpu().numpy())
@@ -401,12 +438,22 @@ class ExpressionModel:
                         retrieve(emb, bank["embedding"], bank["expression"], k=self.config.top_k).float().cpu().numpy()
                     )
         module.cpu()
+        if ridge:  # standardised per section, so predicted once all features are in
+            ridge = [
+                self._probe.predict_features(np.concatenate(ridge), groups, min_section_spots=min_section_spots)[0]
+            ]
         parts = {"regression": regression, "retrieval": retrieval, "ridge": ridge}
         parts = {name: np.concatenate(chunks).astype(np.float32) for name, chunks in parts.items() if chunks}
         return parts, np.concatenate(embeddings).astype(np.float32)
 
     def predict_patches(
-        self, patches, *, device: str | None = None, batch_size: int = 64, progress_bar: bool | None = None
+        self,
+        patches,
+        *,
+        groups=None,
+        device: str | None = None,
+        batch_size: int = 64,
+        progress_bar: bool | None = None,
     ):
         """Predicted log1p(CP10k) expression and image embeddings of patches.
 
@@ -415,6 +462,10 @@ class ExpressionModel:
         patches
             Indexable uint8 patches, item ``(s, 3, h, w)`` or ``(3, h, w)``, e.g. from
             :func:`st_from_he.pp.extract_patches` with this model's ``size_um``, ``size_px`` and ``context``.
+        groups
+            Section (sample) of each patch, e.g. ``patches.samples``; ``None``: all patches come from one section.
+            The default preset's ridge probe standardises its features within each section, so pass whole sections
+            (at least 30 spots each; smaller groups fall back to the training statistics).
         device
             Torch device; ``"auto"`` picks a GPU when available; ``None`` uses :attr:`device`.
         batch_size
@@ -429,14 +480,14 @@ class ExpressionModel:
         self._check_fitted()
         progress_bar = settings.progress_bar if progress_bar is None else progress_bar
         if not self.is_neural:
-            outs = [
-                self._probe.predict(_stack(patches, i, min(i + batch_size, len(patches))))
+            features = [
+                self._probe.featurize(_stack(patches, i, min(i + batch_size, len(patches))))
                 for i in tqdm(range(0, len(patches), batch_size), disable=not progress_bar, desc="Predicting")
             ]
-            return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
+            return self._probe.predict_features(np.concatenate(features), groups)
         device = self.device if device is None else device
         parts, embeddings = self._predict_parts(
-            patches, device=device, batch_size=batch_size, progress_bar=progress_bar
+            patches, groups=groups, device=device, batch_size=batch_size, progress_bar=progress_bar
         )
         expression = sum(self.blend[name] * parts[name] for name in parts)
         return expression.astype(np.float32), embeddings
@@ -597,6 +648,25 @@ def _stack(patches, start: int, stop: int) -> np.ndarray:
     else:
         batch = np.stack([np.asarray(patches[i]) for i in range(start, stop)])
     return batch[:, None] if batch.ndim == 4 else batch
+
+
+BLEND_GENES = 50
+"""Per criterion, the number of informative validation genes the blend weights are chosen on."""
+
+
+def informative_genes(targets: np.ndarray, n: int = BLEND_GENES) -> np.ndarray:
+    """Column indices of the ``n`` most variable and the ``n`` most expressed genes of ``targets`` (spots, genes)."""
+    n = min(n, targets.shape[1])
+    return np.union1d(np.argsort(-targets.var(0))[:n], np.argsort(-targets.mean(0))[:n])
+
+
+def _centre_groups(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """``x`` (spots, genes) minus the mean of its group (section) of spots."""
+    out = np.asarray(x, dtype=np.float64).copy()
+    for group in np.unique(groups):
+        rows = groups == group
+        out[rows] -= out[rows].mean(0)
+    return out
 
 
 def _mean_pcc(pred: np.ndarray, true: np.ndarray) -> float:

@@ -26,7 +26,9 @@ def predict_expression(
     """Predict expression from the H&E image at every spot, into a new table.
 
     Patches are cut at the model's physical size from each section's own resolution and streamed through the model
-    in batches, so memory stays bounded on whole slides. The measured table is never modified.
+    in batches, so memory stays bounded on whole slides. The measured table is never modified. Each section is
+    predicted as a whole: the default preset's ridge probe standardises its image features with the section's own
+    statistics, which removes section-wide stain, scanner and resolution shifts.
 
     Parameters
     ----------
@@ -112,7 +114,7 @@ def predict_expression(
     )
     with timed(f"Predicting {len(model.genes)} genes at {len(patches)} spots"):
         expression, embeddings = model.predict_patches(
-            patches, device=device, batch_size=batch_size, progress_bar=progress_bar
+            patches, groups=patches.samples, device=device, batch_size=batch_size, progress_bar=progress_bar
         )
     obs = _spot_obs(sdata, patches, table_key=table_key, shapes_key=shapes_key)
     table = ad.AnnData(X=expression, obs=obs, var=pd.DataFrame(index=pd.Index(model.genes, name=None)))
