@@ -281,18 +281,16 @@ def test_ridge_standardised_per_section(tmp_path, split, genes):
 
 
 def test_section_standardisation_thresholds():
-    from st_from_he.tl._baselines import MIN_SECTION_SPOTS, MIN_TRAINING_SECTION_SPOTS, RidgeProbe
+    from st_from_he.tl._baselines import MIN_SECTION_SPOTS, MIN_TRAINING_SECTION_SPOTS, _standardise_sections
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 4)) + np.repeat([[0.0], [5.0]], 6, axis=0)  # two sections of 6 spots, far apart
     groups = np.repeat(["a", "b"], 6)
-    probe = RidgeProbe(per_section=True)
-    probe.state = {"pooled_mean": x.mean(0), "pooled_std": x.std(0)}
+    pooled = {"pooled_mean": x.mean(0), "pooled_std": x.std(0)}
     assert MIN_TRAINING_SECTION_SPOTS <= 6 < MIN_SECTION_SPOTS
     # training sections this small still use their own statistics (better than pooled, even for few-shot fits) ...
-    own = probe._standardise_sections(x, groups, MIN_TRAINING_SECTION_SPOTS)
+    own = _standardise_sections(x, groups, MIN_TRAINING_SECTION_SPOTS, pooled)
     np.testing.assert_allclose(own[:6].mean(0), 0, atol=1e-9)
     np.testing.assert_allclose(own[6:].mean(0), 0, atol=1e-9)
     # ... sections to predict need more spots before their own statistics are trusted
-    pooled = probe._standardise_sections(x, groups, MIN_SECTION_SPOTS)
-    np.testing.assert_allclose(pooled, (x - x.mean(0)) / x.std(0))
+    np.testing.assert_allclose(_standardise_sections(x, groups, MIN_SECTION_SPOTS, pooled), (x - x.mean(0)) / x.std(0))

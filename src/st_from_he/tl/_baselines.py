@@ -35,12 +35,11 @@ class RidgeProbe:
     seed
         Seed of the blur factors.
     per_section
-        Standardise the features of each section (each group of :meth:`fit` and :meth:`predict`) with that
+        Standardise the features of each section (each group of :meth:`fit` and :meth:`predict_features`) with that
         section's own mean and standard deviation before the ridge. Per-gene correlations within a section are
         blind to section-wide shifts, and this removes the ones that stain, scanner and resolution put into the
         features. Sections to predict with fewer than :data:`MIN_SECTION_SPOTS` spots (training sections: fewer than
         :data:`MIN_TRAINING_SECTION_SPOTS`) fall back to the statistics pooled over the training spots.
-
     """
 
     def __init__(
@@ -106,12 +105,11 @@ class RidgeProbe:
         state: dict[str, np.ndarray] = {"per_section": np.array(self.per_section)}
         if self.per_section and x.shape[1]:
             state |= {"pooled_mean": x.mean(0), "pooled_std": x.std(0) + 1e-6}
-            self.state = state
-            x = self._standardise_sections(x, groups, MIN_TRAINING_SECTION_SPOTS)
+            x = _standardise_sections(x, groups, MIN_TRAINING_SECTION_SPOTS, state)
         if self.lowres > 1 and x.shape[1]:
             blurred = self._blurred_features(patches)
             if self.per_section:
-                blurred = self._standardise_sections(blurred, groups, MIN_TRAINING_SECTION_SPOTS)
+                blurred = _standardise_sections(blurred, groups, MIN_TRAINING_SECTION_SPOTS, state)
             x = np.concatenate([x, blurred])
             targets = np.concatenate([targets, targets])
         mean = targets.mean(0)
@@ -127,26 +125,6 @@ class RidgeProbe:
             }
         self.state = state
         return self
-
-    def _standardise_sections(self, x: np.ndarray, groups: np.ndarray, min_spots: int) -> np.ndarray:
-        """Features z-scored within each group; groups under ``min_spots`` spots with the pooled training statistics."""
-        out = np.empty_like(x, dtype=np.float64)
-        small = []
-        for group in np.unique(groups):
-            rows = groups == group
-            if rows.sum() >= min_spots:
-                mean, std = x[rows].mean(0), x[rows].std(0) + 1e-6
-            else:
-                small.append(str(group))
-                mean, std = self.state["pooled_mean"], self.state["pooled_std"]
-            out[rows] = (x[rows] - mean) / std
-        if small:
-            logger.info(
-                "Section(s) %s have fewer than %d spots: their features are standardised with the training statistics.",
-                ", ".join(small[:5]) + (" ..." if len(small) > 5 else ""),
-                min_spots,
-            )
-        return out
 
     def _blurred_features(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
         """Features of uint8 patches ``(n, [s,] 3, h, w)``, each blurred by a factor log-uniform in ``[1, lowres]``.
@@ -186,19 +164,9 @@ class RidgeProbe:
             return np.tile(mean, (len(features), 1)), np.zeros((len(features), 0), dtype=np.float32)
         x = np.asarray(features, dtype=np.float64)
         if bool(self.state.get("per_section", False)):
-            x = self._standardise_sections(x, _groups(groups, len(x)), min_section_spots)
+            x = _standardise_sections(x, _groups(groups, len(x)), min_section_spots, self.state)
         x = (x - self.state["feature_mean"]) / self.state["feature_std"]
         return (x @ self.state["coef"] + mean).astype(np.float32), x.astype(np.float32)
-
-    def predict(self, patches: np.ndarray, groups=None) -> tuple[np.ndarray, np.ndarray]:
-        """Predicted log-normalised expression ``(n, genes)`` and the standardised features used ``(n, f)``.
-
-        With ``per_section``, pass a whole section at once (or name the sections by ``groups``): its features are
-        standardised with its own statistics.
-        """
-        if not self.state:
-            raise RuntimeError("The ridge probe is not fitted; call `fit` first.")
-        return self.predict_features(self._features(patches), groups)
 
     def get_state(self) -> dict[str, Any]:
         """Arrays that define the fitted probe (saved by :meth:`ExpressionModel.save`)."""
@@ -219,3 +187,27 @@ def _groups(groups, n: int) -> np.ndarray:
     if len(groups) != n:
         raise ValueError(f"`groups` has {len(groups)} entries for {n} spots.")
     return groups
+
+
+def _standardise_sections(x: np.ndarray, groups: np.ndarray, min_spots: int, state: dict) -> np.ndarray:
+    """Features z-scored within each group of spots (section).
+
+    Groups under ``min_spots`` spots are standardised with the pooled training statistics of ``state``.
+    """
+    out = np.empty_like(x, dtype=np.float64)
+    small = []
+    for group in np.unique(groups):
+        rows = groups == group
+        if rows.sum() >= min_spots:
+            mean, std = x[rows].mean(0), x[rows].std(0) + 1e-6
+        else:
+            small.append(str(group))
+            mean, std = state["pooled_mean"], state["pooled_std"]
+        out[rows] = (x[rows] - mean) / std
+    if small:
+        logger.info(
+            "Section(s) %s have fewer than %d spots: their features are standardised with the training statistics.",
+            ", ".join(small[:5]) + (" ..." if len(small) > 5 else ""),
+            min_spots,
+        )
+    return out
