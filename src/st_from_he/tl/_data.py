@@ -21,6 +21,11 @@ class SpotArrays:
     obs: pd.DataFrame  # obs of the spots (index: obs_names), with a "sample" column
     targets: np.ndarray  # float32 (n, genes) log1p CP10k
 
+    @property
+    def sections(self) -> np.ndarray:
+        """The sample (section) of each spot."""
+        return self.obs[SAMPLE_KEY].to_numpy()
+
     def subset(self, idx: np.ndarray) -> SpotArrays:
         """The spots at positions ``idx``."""
         return SpotArrays(self.patches[idx], self.obs.iloc[idx], self.targets[idx])

@@ -237,7 +237,7 @@ class ExpressionModel:
             raise ValueError(f"Need at least 2 training spots, got {len(data.patches)}.")
         train_idx, val_idx = _split(data, val_fraction, val_sections, seed)
         self.training_info = {
-            "samples": sorted(data.obs["sample"].unique()),
+            "samples": sorted(set(data.sections)),
             "n_train_spots": int(len(train_idx)),
             "n_val_spots": int(len(val_idx)),
             "val_sections": None if val_sections is None else list(val_sections),
@@ -257,7 +257,7 @@ class ExpressionModel:
                     seed=seed,
                     per_section=self.config.get("per_section", False),
                 )
-                self._probe.fit(data.patches, data.targets, groups=data.obs["sample"].to_numpy())
+                self._probe.fit(data.patches, data.targets, groups=data.sections)
             return self
         self._fit_neural(
             data,
@@ -331,10 +331,9 @@ class ExpressionModel:
         if self.blend_ridge:
             from ._baselines import RidgeProbe
 
-            sections = data.obs["sample"].to_numpy()
             with timed(f"Fitting the hand-crafted ridge probe on {len(train_idx)} spots"):
                 self._probe = RidgeProbe("handcrafted", lowres=self.config.augment_lowres, seed=seed, per_section=True)
-                self._probe.fit(data.patches[train_idx], data.targets[train_idx], groups=sections[train_idx])
+                self._probe.fit(data.patches[train_idx], data.targets[train_idx], groups=data.sections[train_idx])
         self.blend = self._choose_blend(data, val_idx)
         self._bank = bank  # predictions retrieve from every measured spot
 
@@ -362,7 +361,7 @@ class ExpressionModel:
         # the training sections, standardised as in the probe's fit
         parts, _ = self._predict_parts(
             data.patches,
-            groups=data.obs["sample"].to_numpy(),
+            groups=data.sections,
             min_section_spots=MIN_TRAINING_SECTION_SPOTS,
             device="cpu",
             progress_bar=False,
@@ -372,9 +371,8 @@ class ExpressionModel:
             return {name: 1 / len(names) for name in names}
         val = data.subset(val_idx)
         genes = informative_genes(val.targets, BLEND_GENES)
-        sections = val.obs["sample"].to_numpy()
-        targets = _centre_groups(val.targets[:, genes], sections)
-        parts = {name: _centre_groups(values[val_idx][:, genes], sections) for name, values in parts.items()}
+        targets = _centre_groups(val.targets[:, genes], val.sections)
+        parts = {name: _centre_groups(values[val_idx][:, genes], val.sections) for name, values in parts.items()}
         grid = [w for w in itertools.product(range(11), repeat=len(names)) if sum(w) == 10]
         scores = [_mean_pcc(sum(wi / 10 * parts[n] for wi, n in zip(w, names, strict=True)), targets) for w in grid]
         best = grid[int(np.nanargmax(scores))]
@@ -656,8 +654,11 @@ BLEND_GENES = 50
 
 def informative_genes(targets: np.ndarray, n: int = BLEND_GENES) -> np.ndarray:
     """Column indices of the ``n`` most variable and the ``n`` most expressed genes of ``targets`` (spots, genes)."""
-    n = min(n, targets.shape[1])
-    return np.union1d(np.argsort(-targets.var(0))[:n], np.argsort(-targets.mean(0))[:n])
+    from ._gene_sets import _top_genes
+
+    columns, n = range(targets.shape[1]), min(n, targets.shape[1])
+    # the same ranking as evaluation's HVG and HEG
+    return np.union1d(*(np.asarray(_top_genes(targets, columns, n, by=by), dtype=int) for by in ("var", "mean")))
 
 
 def _centre_groups(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
@@ -681,7 +682,7 @@ def _mean_pcc(pred: np.ndarray, true: np.ndarray) -> float:
 def _split(data: SpotArrays, val_fraction: float, val_sections, seed: int) -> tuple[np.ndarray, np.ndarray]:
     n = len(data.patches)
     if val_sections is not None:
-        samples = data.obs["sample"].to_numpy()
+        samples = data.sections
         unknown = set(val_sections) - set(samples)
         if unknown:
             raise ValueError(
