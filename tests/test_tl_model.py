@@ -286,11 +286,82 @@ def test_section_standardisation_thresholds():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 4)) + np.repeat([[0.0], [5.0]], 6, axis=0)  # two sections of 6 spots, far apart
     groups = np.repeat(["a", "b"], 6)
-    pooled = {"pooled_mean": x.mean(0), "pooled_std": x.std(0)}
+    pooled = x.mean(0), x.std(0)
     assert MIN_TRAINING_SECTION_SPOTS <= 6 < MIN_SECTION_SPOTS
     # training sections this small still use their own statistics (better than pooled, even for few-shot fits) ...
-    own = _standardise_sections(x, groups, MIN_TRAINING_SECTION_SPOTS, pooled)
+    own = _standardise_sections(x, groups, MIN_TRAINING_SECTION_SPOTS, *pooled)
     np.testing.assert_allclose(own[:6].mean(0), 0, atol=1e-9)
     np.testing.assert_allclose(own[6:].mean(0), 0, atol=1e-9)
     # ... sections to predict need more spots before their own statistics are trusted
-    np.testing.assert_allclose(_standardise_sections(x, groups, MIN_SECTION_SPOTS, pooled), (x - x.mean(0)) / x.std(0))
+    np.testing.assert_allclose(_standardise_sections(x, groups, MIN_SECTION_SPOTS, *pooled), (x - x.mean(0)) / x.std(0))
+
+
+def test_stain_blob_features_on_real_patches(split):
+    from st_from_he.models._handcrafted import stain_blob_features
+
+    train, _ = split
+    patches = sth.pp.extract_patches(train, size_um=112, size_px=64, context=(1.0, 3.0))
+    batch = np.stack([patches[i] for i in range(24)])  # (24, 2 scales, 3, 64, 64)
+    features = stain_blob_features(batch)
+    assert features.shape == (24, 24) and features.dtype == np.float32 and np.isfinite(features).all()
+    # tissue holds blob-like structure at every size; a flat patch (no structure) has none
+    assert (features[:, 0::2] > 0).all()
+    flat = np.full((1, 3, 64, 64), 180, dtype=np.uint8)
+    assert (np.abs(stain_blob_features(flat)[0]) < 0.05 * np.abs(features[:, :12]).mean(0)).all()
+    # nuclei are haematoxylin blobs: the small-blob response follows the blob count of the hand-crafted features
+    from st_from_he.models._handcrafted import handcrafted_features
+
+    spot = np.stack([patches[i][0] for i in range(len(patches))])
+    nuclei = handcrafted_features(spot)[:, 29]  # the nucleus-like blob count
+    assert np.corrcoef(stain_blob_features(spot)[:, 1], nuclei)[0, 1] > 0.3
+    with pytest.raises(ValueError, match="Expected patches of shape"):
+        stain_blob_features(spot[:, 0])
+
+
+def test_reduced_rank_ridge_on_blob_features(tmp_path, split, genes):
+    train, test = split
+    kw = {"img_size": 32, "features": "handcrafted+blobs", "per_section": True, "rank": 5}
+    model = sth.tl.ExpressionModel(genes, preset="ridge", **kw).fit(train)
+    coef = model._probe.state["coef"]
+    assert coef.shape == (2 * (36 + 12), len(genes))  # two context scales of hand-crafted + blob features
+    assert np.linalg.matrix_rank(coef, tol=1e-4 * np.abs(coef).max()) <= 5
+    sth.tl.predict_expression(test, model, key_added="rank5", progress_bar=False)
+    pred = test.tables["rank5"].X
+    # back on the expression scale: the mean prediction is near the training mean, the spread within a section's
+    assert np.abs(pred.mean(0) - model._probe.state["target_mean"]).max() < 0.5
+    loaded = sth.tl.ExpressionModel.load(model.save(tmp_path / "rank5"))
+    assert loaded._probe.features == "handcrafted+blobs" and loaded._probe.per_section
+    sth.tl.predict_expression(test, loaded, key_added="rank5_loaded", progress_bar=False)
+    np.testing.assert_allclose(test.tables["rank5_loaded"].X, pred, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="Unknown `features`"):
+        sth.tl.ExpressionModel(genes, preset="ridge", features="hog").fit(train)
+    with pytest.raises(ValueError, match="`rank` must be"):
+        sth.tl.ExpressionModel(genes, preset="ridge", rank=0).fit(train)
+
+
+def test_per_section_probe_ignores_section_wide_expression_shifts(her2st_small, caplog):
+    from st_from_he.tl._baselines import RidgeProbe
+
+    patches = sth.pp.extract_patches(her2st_small, size_um=112, size_px=32, context=(1.0,))
+    x = np.stack([patches[i] for i in range(len(patches))])
+    table = her2st_small.tables["table"][patches.obs_names]
+    y = np.log1p(np.asarray(table.X[:, :30].todense() if hasattr(table.X, "todense") else table.X[:, :30]))
+    groups = table.obs["sample"].to_numpy()
+    assert len(set(groups)) == 2
+    shifted = y + np.where(groups == groups[0], 2.0, 0.0)[:, None]  # one section's expression shifted
+    fits = [RidgeProbe(per_section=True).fit(x, t, groups=groups).state for t in (y, shifted)]
+    np.testing.assert_allclose(fits[0]["coef"], fits[1]["coef"], rtol=1e-4, atol=1e-6)
+    pooled = [RidgeProbe().fit(x, t).state["coef"] for t in (y, shifted)]
+    assert not np.allclose(pooled[0], pooled[1], atol=1e-4)
+    # the expression is scaled per section only when every training section has enough spots to estimate its scale
+    import logging
+
+    few = np.concatenate([np.flatnonzero(groups == g)[:10] for g in set(groups)])
+    logger = logging.getLogger("st_from_he")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="st_from_he"):
+            RidgeProbe(per_section=True).fit(x[few], y[few], groups=groups[few])
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "the expression is not standardised per section" in caplog.text

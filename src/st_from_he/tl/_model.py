@@ -25,7 +25,12 @@ from ._presets import BASELINE_PRESETS, NEURAL_PRESETS, RIDGE_BLEND_PRESETS, che
 
 _FORMAT = 1
 _CONFIG_FILE, _WEIGHTS_FILE, _ARRAYS_FILE = "model.json", "weights.safetensors", "arrays.npz"
-_RIDGE_OPTIONS = frozenset({"context_scales", "img_size", "encoder", "encoder_weights", "lowres", "per_section"})
+_RIDGE_OPTIONS = frozenset(
+    {"features", "context_scales", "img_size", "encoder", "encoder_weights", "lowres", "per_section", "rank"}
+)
+# The default preset's ridge probe: hand-crafted and blob features, standardised per section, reduced-rank (30 axes:
+# 20 to 50 measure the same on the benchmark, 5 is too few).
+_BLEND_PROBE = {"features": "handcrafted+blobs", "per_section": True, "rank": 30}
 _RIDGE_PREFIX = "ridge_"  # arrays of a neural model's ridge probe, beside its retrieval bank
 
 
@@ -55,16 +60,19 @@ class ExpressionModel:
     size_um
         Physical side of the spot patch in micrometres (reference 112).
     blend_ridge
-        Neural presets: also fit ridge regression on hand-crafted colour, stain and texture features of the same
-        patches, and blend it with the network's predictions (weights chosen on validation spots). Default: on for
-        ``"default"``, off for the reference ``"cmrc"``.
+        Neural presets: also fit ridge regression on hand-crafted colour, stain, texture and nucleus-blob features
+        of the same patches (standardised within each section, reduced-rank), and blend it with the network's
+        predictions (weights chosen on validation spots). Default: on for ``"default"``, off for the reference
+        ``"cmrc"``.
     **config
         Overrides of the preset's hyperparameters: any field of :class:`st_from_he.models.ModelConfig` for neural
         presets (e.g. ``encoder="resnet18"``, ``encoder_weights="uni.safetensors"``, ``img_size=224``,
-        ``context_scales=(1, 3)``, ``top_k=50``), or ``context_scales``, ``img_size``, ``encoder``,
-        ``encoder_weights``, ``lowres`` (also fit on copies of the patches blurred up to that many times coarser,
-        e.g. ``lowres=4``; off by default) and ``per_section`` (standardise the features within each section, as the
-        default preset's probe does; off by default) for the ridge presets.
+        ``context_scales=(1, 3)``, ``top_k=50``), or, for the ridge presets, ``context_scales``, ``img_size``,
+        ``encoder``, ``encoder_weights``, ``features`` (``"handcrafted"``, or ``"handcrafted+blobs"`` to add
+        haematoxylin and eosin blob responses at three sizes), ``lowres`` (also fit on copies of the patches
+        blurred up to that many times coarser, e.g. ``lowres=4``), ``per_section`` (standardise the features and
+        the expression within each section) and ``rank`` (reduced-rank ridge on that many principal axes of the
+        expression, e.g. ``rank=30``); the last three are off by default and on in the default preset's probe.
 
     Examples
     --------
@@ -256,6 +264,7 @@ class ExpressionModel:
                     lowres=self.config.get("lowres", 0.0),
                     seed=seed,
                     per_section=self.config.get("per_section", False),
+                    rank=self.config.get("rank"),
                 )
                 self._probe.fit(data.patches, data.targets, groups=data.sections)
             return self
@@ -332,7 +341,7 @@ class ExpressionModel:
             from ._baselines import RidgeProbe
 
             with timed(f"Fitting the hand-crafted ridge probe on {len(train_idx)} spots"):
-                self._probe = RidgeProbe("handcrafted", lowres=self.config.augment_lowres, seed=seed, per_section=True)
+                self._probe = RidgeProbe(lowres=self.config.augment_lowres, seed=seed, **_BLEND_PROBE)
                 self._probe.fit(data.patches[train_idx], data.targets[train_idx], groups=data.sections[train_idx])
         self.blend = self._choose_blend(data, val_idx)
         self._bank = bank  # predictions retrieve from every measured spot
