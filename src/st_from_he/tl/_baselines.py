@@ -137,9 +137,10 @@ class RidgeProbe:
             x = _standardise_sections(x, groups, MIN_TRAINING_SECTION_SPOTS, state["pooled_mean"], state["pooled_std"])
             if min(np.unique(groups, return_counts=True)[1]) >= MIN_SECTION_SPOTS:
                 # the probe learns each section's z-scores; predictions go back on the typical within-section scale
+                # (every section is large enough here, so the pooled statistics are never used)
                 pooled = targets.mean(0), targets.std(0) + _TARGET_EPS
                 targets, scale = _standardise_sections(
-                    targets, groups, MIN_SECTION_SPOTS, *pooled, eps=_TARGET_EPS, what="expression", scales=True
+                    targets, groups, MIN_SECTION_SPOTS, *pooled, eps=_TARGET_EPS, scales=True
                 )
             else:
                 logger.info(
@@ -244,7 +245,6 @@ def _standardise_sections(
     pooled_std: np.ndarray,
     *,
     eps: float = 1e-6,
-    what: str = "features",
     scales: bool = False,
 ):
     """Columns of ``x`` z-scored within each group of spots (section).
@@ -267,9 +267,8 @@ def _standardise_sections(
         scale += std * rows.mean()
     if small:
         logger.info(
-            "Section(s) %s have fewer than %d spots: their %s are standardised with the training statistics.",
+            "Section(s) %s have fewer than %d spots: their features are standardised with the training statistics.",
             ", ".join(small[:5]) + (" ..." if len(small) > 5 else ""),
             min_spots,
-            what,
         )
     return (out, scale) if scales else out
