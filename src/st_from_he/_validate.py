@@ -6,7 +6,7 @@ import numpy as np
 from scipy import sparse
 
 
-def check_raw_counts(x, *, where: str) -> None:
+def check_raw_counts(x, *, where: str, genes=None, spots=None) -> None:
     """Raise if ``x`` is not a matrix of finite, non-negative whole numbers (raw counts).
 
     Parameters
@@ -14,22 +14,97 @@ def check_raw_counts(x, *, where: str) -> None:
     x
         Dense or sparse matrix.
     where
-        What ``x`` is, for the message (e.g. ``"table 'table' X"``).
+        What ``x`` is, for the message (e.g. ``"table 'table' X"`` or ``"Counts file 'C6_counts.tsv.gz'"``).
+    genes
+        Column names of ``x``; when given, the message names the first offending gene.
+    spots
+        Row names of ``x``; when given, the message names the first offending spot.
     """
     values = x.data if sparse.issparse(x) else np.asarray(x)
     if values.size == 0:
         return
-    if not np.issubdtype(values.dtype, np.number):
+    if not np.issubdtype(values.dtype, np.number) or np.issubdtype(values.dtype, np.complexfloating):
         raise TypeError(f"{where} must be numeric raw counts, got dtype {values.dtype}.")
     if not np.all(np.isfinite(values)):
-        raise ValueError(f"{where} contains NaN or infinite values; raw counts are required.")
-    if values.min() < 0:
-        raise ValueError(f"{where} contains negative values; raw counts are required.")
-    if not np.issubdtype(values.dtype, np.integer) and not np.all(np.mod(values, 1) == 0):
+        bad = "NaN or infinite values"
         raise ValueError(
-            f"{where} contains non-integer values: it looks normalised or log-transformed, but raw counts are "
-            f"required. Pass the raw counts (e.g. from `adata.raw` or a counts layer)."
+            f"{where} contains {bad}{_first(x, ~np.isfinite(values), genes, spots)}; raw counts are required."
         )
+    if values.min() < 0:
+        raise ValueError(
+            f"{where} contains negative values{_first(x, values < 0, genes, spots)}; raw counts are required."
+        )
+    if not np.issubdtype(values.dtype, np.integer):
+        fractional = np.mod(values, 1) != 0
+        if fractional.any():
+            raise ValueError(
+                f"{where} contains non-integer values{_first(x, fractional, genes, spots)}: it looks normalised or "
+                f"log-transformed, but raw counts are required. Pass the raw counts (e.g. from `adata.raw` or a counts "
+                f"layer)."
+            )
+
+
+def _first(x, bad: np.ndarray, genes, spots) -> str:
+    """`` (e.g. gene 'X', spot 'Y': value)`` for the first True entry of ``bad`` (a mask over ``x``'s stored values)."""
+    if genes is None and spots is None:
+        return ""
+    k = int(np.flatnonzero(np.ravel(bad))[0])
+    if sparse.issparse(x):
+        coo = x.tocoo()
+        row, col, value = int(coo.row[k]), int(coo.col[k]), coo.data[k]
+    else:
+        dense = np.asarray(x)
+        row, col = np.unravel_index(k, dense.shape) if dense.ndim == 2 else (k, 0)
+        value = dense.ravel()[k]
+    parts = []
+    if genes is not None:
+        parts.append(f"gene {str(np.asarray(genes)[col])!r}")
+    if spots is not None:
+        parts.append(f"spot {str(np.asarray(spots)[row])!r}")
+    return f" (e.g. {', '.join(parts)}: {value})"
+
+
+def counts_dtype(x, *, where: str) -> type:
+    """The integer dtype that holds the raw counts ``x`` exactly: int32, or int64 when a count exceeds int32.
+
+    Raises
+    ------
+    ValueError
+        If a count does not fit into int64 (a corrupt file, not a count).
+    """
+    values = x.data if sparse.issparse(x) else np.asarray(x)
+    top = values.max() if values.size else 0
+    if top <= np.iinfo(np.int32).max:
+        return np.int32
+    if top <= np.iinfo(np.int64).max:
+        return np.int64
+    raise ValueError(f"{where} contains a count of {top}, beyond any integer type; the file is probably corrupt.")
+
+
+def check_number(value, name: str, *, allow_none: bool = True) -> float | None:
+    """``value`` as a positive finite float; a clear TypeError or ValueError naming the argument ``name`` otherwise.
+
+    Strings are refused rather than parsed, so that ``pixel_size_um="0.69"`` is caught where it is written.
+    """
+    if value is None:
+        if allow_none:
+            return None
+        raise TypeError(f"`{name}` must be a positive number, got None.")
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"`{name}` must be a positive number, got {type(value).__name__} {value!r}.")
+    value = float(value)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive, finite number, got {value}.")
+    return value
+
+
+def check_id(value, name: str, *, allow_none: bool = False) -> str | None:
+    """``value`` if it is a non-empty string (``None`` too where allowed); a clear TypeError naming ``name`` otherwise."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"`{name}` must be a non-empty string, got {type(value).__name__} {value!r}.")
+    return value
 
 
 def is_raw_counts(x) -> bool:

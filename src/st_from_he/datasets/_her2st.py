@@ -155,7 +155,62 @@ _ANNOTATION = (
 
 
 def _has_sections(folder: Path, sections: Sequence[str]) -> bool:
-    return all((folder / s / name).is_file() for s in sections for name, _, _ in _FILES[s] if "clusters" not in name)
+    return not _missing_files(folder, sections)
+
+
+def _missing_files(folder: Path, sections: Sequence[str]) -> list[str]:
+    """Required files (relative paths) of ``sections`` absent from ``folder``; the clusters file is optional."""
+    return [
+        f"{s}/{name}"
+        for s in sections
+        for name, _, _ in _FILES[s]
+        if "clusters" not in name and not (folder / s / name).is_file()
+    ]
+
+
+_VERIFIED: dict[tuple[str, int, int], bool] = {}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _corrupt_files(folder: Path, sections: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``(relative path, expected sha256, found sha256)`` of present files whose checksum is not the published one.
+
+    Each file is hashed once per session (keyed by path, size and modification time).
+    """
+    bad = []
+    for s in sections:
+        for name, _, sha256 in _FILES[s]:
+            path = folder / s / name
+            if not path.is_file():
+                continue
+            stat = path.stat()
+            key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+            if key not in _VERIFIED:
+                found = _sha256(path)
+                _VERIFIED[key] = found == sha256
+                if found != sha256:
+                    bad.append((f"{s}/{name}", sha256, found))
+            elif not _VERIFIED[key]:
+                bad.append((f"{s}/{name}", sha256, _sha256(path)))
+    return bad
+
+
+def _check_checksums(folder: Path, sections: Sequence[str], fix: str) -> None:
+    bad = _corrupt_files(folder, sections)
+    if bad:
+        listing = "; ".join(
+            f"{str(folder / rel)!r} has sha256 {found[:12]}..., expected {want[:12]}..." for rel, want, found in bad
+        )
+        raise ValueError(f"Corrupted or modified her2st file(s): {listing}. {fix}")
 
 
 def _download(folder: Path, sections: Sequence[str]) -> None:
@@ -177,23 +232,34 @@ def _download(folder: Path, sections: Sequence[str]) -> None:
 def her2st_path(sections: Sequence[str] = SECTIONS, *, path: str | Path | None = None, download: bool = True) -> Path:
     """Folder holding the her2st files: ``path``, else ``$ST_FROM_HE_DATA_DIR/her2st``, else the cache (downloading)."""
     if path is not None:
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"`path` must be a folder path, got {type(path).__name__}.")
         folder = Path(path)
-        if not _has_sections(folder, sections):
-            missing = [s for s in sections if not _has_sections(folder, [s])]
+        missing_files = _missing_files(folder, sections)
+        if missing_files:
+            missing = list(dict.fromkeys(f.split("/")[0] for f in missing_files))
+            listing = ", ".join(repr(str(folder / f)) for f in missing_files[:8])
             raise FileNotFoundError(
-                f"{str(folder)!r} does not hold the her2st files of section(s) {missing} (expected e.g. "
-                f"'{missing[0]}/{missing[0]}_counts.tsv.gz'). Leave `path=None` to use ${DATA_DIR_ENV} or download."
+                f"{str(folder)!r} does not hold the her2st files of section(s) {missing}: missing {listing}. Copy "
+                f"them there, or leave `path=None` to use ${DATA_DIR_ENV}, the cache or a download."
             )
+        _check_checksums(folder, sections, "Replace them with the published files (or leave `path=None` to download).")
         return folder
     if os.environ.get(DATA_DIR_ENV):
         env_folder = Path(os.environ[DATA_DIR_ENV])
         for folder in (env_folder / "her2st", env_folder):
             if _has_sections(folder, sections):
+                _check_checksums(folder, sections, f"Replace them with the published files, or unset ${DATA_DIR_ENV}.")
                 return folder
         logger.info("$%s=%s holds no her2st files; trying the cache.", DATA_DIR_ENV, env_folder)
     folder = Path(settings.cache_dir) / "her2st"
     if _has_sections(folder, sections):
-        return folder
+        bad = _corrupt_files(folder, sections)
+        if not bad:
+            return folder
+        if not download:
+            _check_checksums(folder, sections, "Delete them to download them again (download=True).")
+        logger.warning("Cached her2st file(s) %s are corrupted; downloading them again.", [rel for rel, _, _ in bad])
     if not download:
         raise FileNotFoundError(f"her2st files not found in {str(folder)!r} and download=False.")
     try:
@@ -214,7 +280,8 @@ def her2st(sections: Sequence[str] | None = None, *, path: str | Path | None = N
 
     The files are looked up in ``path``, else in ``$ST_FROM_HE_DATA_DIR/her2st``, else in
     ``sth.settings.cache_dir / "her2st"``; otherwise they are downloaded from the authors' public repository
-    (github.com/almaan/her2st) and checked against their sha256.
+    (github.com/almaan/her2st) and checked against their sha256. Local and cached files are checked against the same
+    sha256 (once per session); a mismatch names the file (a corrupted cached file is downloaded again).
 
     Parameters
     ----------
@@ -228,7 +295,7 @@ def her2st(sections: Sequence[str] | None = None, *, path: str | Path | None = N
     Returns
     -------
     One :class:`~spatialdata.SpatialData` holding every section (see :func:`st_from_he.io.read_st`), its table
-    restricted to the genes measured in all of them. The expression cluster of the paper, where available, is in
+    restricted to the genes measured in all of them. ``obs["patient"]`` is the section's letter (``"C"`` for C6). The expression cluster of the paper, where available, is in
     ``obs["expression_cluster"]`` with its annotation in ``obs["expression_cluster_label"]`` (clusters were derived
     from expression, so they are only a weak stand-in for tissue labels).
 
@@ -251,7 +318,11 @@ def her2st(sections: Sequence[str] | None = None, *, path: str | Path | None = N
     parts = []
     for s in sections:
         sdata = read_st(
-            folder / s / f"{s}_counts.tsv.gz", folder / s / f"{s}_spots.tsv", folder / s / f"{s}_HE.jpg", sample_id=s
+            folder / s / f"{s}_counts.tsv.gz",
+            folder / s / f"{s}_spots.tsv",
+            folder / s / f"{s}_HE.jpg",
+            sample_id=s,
+            patient_id=s[0],  # sections are named by patient letter and replicate: C6 is patient C
         )
         _add_clusters(sdata, folder, s)
         parts.append(sdata)

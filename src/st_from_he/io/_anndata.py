@@ -9,18 +9,23 @@ import numpy as np
 import pandas as pd
 
 from st_from_he._logging import logger
-from st_from_he._sdata import SPATIAL_KEY, TABLE_KEY
+from st_from_he._sdata import INSTANCE_KEY, REGION_KEY, SAMPLE_KEY, SPATIAL_KEY, TABLE_KEY
+from st_from_he._validate import check_id, check_number
 
 from ._image import _check_sample_id, array_levels, log_pixel_size, read_image_levels
 from ._resolution import (
     GRID_PITCH_UM,
     SPOT_DIAMETER_UM,
+    check_pixel_size,
     grid_pitch_px,
     infer_pixel_size,
+    layout_name,
+    pixel_size_from_array,
+    st_array_layout,
     technology_from_diameter,
     technology_from_pitch,
 )
-from ._section import build_section
+from ._section import PATIENT_KEY, build_section
 
 _TECHNOLOGY_NAMES = {"visium": "Visium", "st": "legacy Spatial Transcriptomics"}
 
@@ -33,6 +38,7 @@ def attach_histology(
     spot_diameter_um: float | None = None,
     sample_id: str | None = None,
     technology: str | None = None,
+    patient_id: str | None = None,
 ):
     """Pair an :class:`~anndata.AnnData` of spots with its H&E image as a new :class:`~spatialdata.SpatialData`.
 
@@ -69,6 +75,9 @@ def attach_histology(
         ``"visium"`` (100 um grid) or ``"st"`` (legacy ST, 200 um grid). ``None``: ``"visium"`` if ``uns["spatial"]``
         exists, else the technology whose spot size ``spot_diameter_um`` matches, else the one whose grid pitch
         matches the given ``pixel_size_um``. Needed to infer the resolution when no file or argument gives it.
+    patient_id
+        The patient the section comes from, written to ``obs["patient"]``. ``None`` keeps an existing
+        ``adata.obs["patient"]``, else takes ``sample_id``.
 
     Returns
     -------
@@ -78,10 +87,25 @@ def attach_histology(
       coordinate system ``sample_id``;
     - ``shapes[f"{sample_id}_spots"]``: one circle per spot (centre, radius = half the spot diameter);
     - ``tables["table"]``: a copy of ``adata`` (``X``, ``obs``, ``var``, ``obsm``, ``layers``) with ``obs["sample"]``,
-      ``obs["region"]``, ``obs["spot_id"]`` and ``obsm["spatial"]`` in pixels of the attached image;
+      ``obs["region"]``, ``obs["spot_id"]`` (the spot's identity: ``adata.obs_names``, also the circles' index),
+      ``obs["patient"]`` and ``obsm["spatial"]`` in pixels of the attached image;
       ``uns["st_from_he"]["raw_counts"]`` says whether ``X`` holds raw counts. When it does not (e.g. log-normalised
       data), ``X`` is kept as given with a logged warning, and functions that need raw counts (training, gene
       selection) raise a clear error later.
+
+    Where the grid is known (``technology``, or the scanpy layout), a given or file resolution more than 25 % away
+    from the one the spot grid implies is used with a ``UserWarning``; ``obs["array_col"]``/``obs["array_row"]``, if
+    present, give the grid's pixels per array step.
+
+    Raises
+    ------
+    TypeError
+        If ``adata`` is not an :class:`~anndata.AnnData` (e.g. a :class:`~spatialdata.SpatialData`), or a number or id
+        argument has the wrong type.
+    ValueError
+        If ``adata.obs_names`` repeat (call ``adata.obs_names_make_unique()`` first: names are the spots' identity),
+        or ``adata.obs`` holds a ``sample``, ``region`` or ``spot_id`` column with other values than this function
+        would write (rename it).
 
     Examples
     --------
@@ -98,7 +122,23 @@ def attach_histology(
     from anndata import AnnData
 
     if not isinstance(adata, AnnData):
-        raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+        hint = " (a SpatialData needs no attaching: pass it to `sth.pp`/`sth.tl` directly)"
+        raise TypeError(
+            f"`adata` must be an AnnData, got {type(adata).__name__}"
+            f"{hint if type(adata).__name__ == 'SpatialData' else ''}."
+        )
+    pixel_size_um = check_number(pixel_size_um, "pixel_size_um")
+    spot_diameter_um = check_number(spot_diameter_um, "spot_diameter_um")
+    check_id(sample_id, "sample_id", allow_none=True)
+    check_id(patient_id, "patient_id", allow_none=True)
+    if technology is not None and not isinstance(technology, str):
+        raise TypeError(f"`technology` must be 'visium', 'st' or None, got {type(technology).__name__}.")
+    if not adata.obs_names.is_unique:
+        repeated = list(adata.obs_names[adata.obs_names.duplicated()].unique()[:5])
+        raise ValueError(
+            f"adata.obs_names repeat (e.g. {repeated}): they are the spots' identity, by which predictions and "
+            f"measurements are matched. Call `adata.obs_names_make_unique()` (or give each spot its own name) first."
+        )
     if SPATIAL_KEY not in adata.obsm:
         raise KeyError(
             f"adata.obsm[{SPATIAL_KEY!r}] is missing: put the spot centres there (x = column, y = row, in pixels of "
@@ -145,13 +185,16 @@ def attach_histology(
             technology = "visium"
         elif spot_diameter_um is not None:
             technology = technology_from_diameter(spot_diameter_um)
-    # Resolution of the attached image.
+    # Resolution of the attached image, and the one the spot grid implies where the technology is known.
+    implied, grid = _grid_pixel_size(adata, spatial_px, technology)
     if pixel_size_um is not None:
-        if not np.isfinite(pixel_size_um) or pixel_size_um <= 0:
-            raise ValueError(f"`pixel_size_um` must be a positive number, got {pixel_size_um}.")
         pixel_size, source = float(pixel_size_um) / scale, "given"
+        check_pixel_size(pixel_size, implied, sample=sample_id, source="given as `pixel_size_um`", grid=grid)
     elif file_pixel_size is not None:
         pixel_size, source = file_pixel_size, "read from the image file"
+        check_pixel_size(pixel_size, implied, sample=sample_id, source=source, grid=grid)
+    elif implied is not None:
+        pixel_size, source = implied, f"inferred from the spot grid, {grid}"
     elif technology is not None:
         pixel_size = infer_pixel_size(spatial_px, technology)
         source = f"inferred from the {GRID_PITCH_UM[technology]:.0f} um {_TECHNOLOGY_NAMES[technology]} spot grid"
@@ -171,12 +214,17 @@ def attach_histology(
             )
         spot_diameter_um = SPOT_DIAMETER_UM[technology]
     log_pixel_size(sample_id, pixel_size, f"{source}; {source_image}" if scale != 1.0 else source)
+    _check_reserved_columns(adata.obs, sample_id)
+    if patient_id is not None and PATIENT_KEY in adata.obs and (adata.obs[PATIENT_KEY].astype(str) != patient_id).any():
+        logger.info("%s: obs[%r] is set to the given patient_id %r.", sample_id, PATIENT_KEY, patient_id)
 
     sdata = build_section(
         sample_id,
         x=adata.X,
         var=adata.var.copy(),
         obs=adata.obs.copy(),
+        instance_ids=adata.obs_names,
+        patient=patient_id,
         spatial_px=spatial_px,
         levels=levels,
         pixel_size_um=pixel_size,
@@ -194,6 +242,38 @@ def attach_histology(
             sample_id,
         )
     return sdata
+
+
+def _grid_pixel_size(adata, spatial_px: np.ndarray, technology: str | None) -> tuple[float | None, str]:
+    """Pixel size implied by the array coordinates ``obs["array_col"]``, ``obs["array_row"]`` on a known grid.
+
+    ``(None, "")`` without a technology or array coordinates (the spot-distance inference is the caller's fallback).
+    """
+    if technology is None or not {"array_col", "array_row"} <= set(adata.obs.columns):
+        return None, ""
+    col = pd.to_numeric(adata.obs["array_col"], errors="coerce").to_numpy(float)
+    row = pd.to_numeric(adata.obs["array_row"], errors="coerce").to_numpy(float)
+    layout = "visium" if technology == "visium" else st_array_layout(col, row)
+    return pixel_size_from_array(col, row, spatial_px, layout), layout_name(layout)
+
+
+def _check_reserved_columns(obs: pd.DataFrame, sample: str) -> None:
+    """Refuse ``obs`` columns the table's keys would overwrite with other values (never drop user data silently)."""
+    region = f"{sample}_spots"
+    expected = {SAMPLE_KEY: sample, REGION_KEY: region, INSTANCE_KEY: None}
+    for column, value in expected.items():
+        if column not in obs:
+            continue
+        values = obs[column].astype(str).to_numpy()
+        same = (values == obs.index.astype(str).to_numpy()) if value is None else (values == value)
+        if not same.all():
+            raise ValueError(
+                f"adata.obs[{column!r}] exists and differs from what the table needs there "
+                f"({'the obs_names' if value is None else repr(value)}); rename it (e.g. "
+                f"`adata.obs = adata.obs.rename(columns={{{column!r}: {column + '_original'!r}}})`) so it is kept."
+            )
+    if PATIENT_KEY in obs and obs[PATIENT_KEY].isna().any():
+        raise ValueError(f"adata.obs[{PATIENT_KEY!r}] has missing values; fill them or pass `patient_id=`.")
 
 
 def _scanpy_library(adata, sample_id: str | None) -> tuple[str | None, dict | None]:

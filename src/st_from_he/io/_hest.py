@@ -11,9 +11,19 @@ import numpy as np
 import pandas as pd
 
 from st_from_he._sdata import SPATIAL_KEY
+from st_from_he._validate import check_id, check_number
 
 from ._image import _check_sample_id, log_pixel_size, read_image_levels
-from ._resolution import GRID_PITCH_UM, SPOT_DIAMETER_UM, infer_pixel_size
+from ._resolution import (
+    GRID_PITCH_UM,
+    SPOT_DIAMETER_UM,
+    check_pixel_size,
+    grid_pitch_px,
+    infer_pixel_size,
+    layout_name,
+    pixel_size_from_array,
+    st_array_layout,
+)
 from ._section import build_section, concatenate
 
 # HEST's `st_technology` -> the package's technology key (grid pitch and spot size known).
@@ -27,6 +37,7 @@ def read_hest(
     *,
     pixel_size_um: float | Mapping[str, float] | None = None,
     spot_diameter_um: float | Mapping[str, float] | None = None,
+    patient_id: str | Mapping[str, str] | None = None,
 ):
     """Read samples of a HEST-1k download into one :class:`~spatialdata.SpatialData`.
 
@@ -47,13 +58,21 @@ def read_hest(
     spot_diameter_um
         Spot diameter in micrometres (one number or a mapping id -> number). ``None`` takes the metadata's
         ``spot_diameter``, else the technology's (Visium 55 um, legacy ST 100 um).
+    patient_id
+        The patient of each sample (one id for all, or a mapping id -> patient), written to ``obs["patient"]``.
+        ``None`` (or a sample missing from the mapping) takes the metadata's ``patient`` if it has one, else the
+        sample id.
+
+    Where the grid is known (``st_technology``), a resolution from an argument, the metadata or the TIFF that is more
+    than 25 % away from the one the spot grid implies is used with a ``UserWarning``.
 
     Returns
     -------
     One :class:`~spatialdata.SpatialData` with, per id ``S``, image ``f"{S}_image"`` (the file's own pyramid),
     circles ``f"{S}_spots"`` and rows of table ``"table"`` (raw counts in ``X``, ``obs["sample"]``,
-    ``obs["barcode"]``, the h5ad's other ``obs`` columns, ``obsm["spatial"]`` in full-resolution pixels), restricted
-    to the genes measured in every sample.
+    ``obs["patient"]``, ``obs["barcode"]``, the h5ad's other ``obs`` columns, ``obsm["spatial"]`` in full-resolution
+    pixels), restricted to the genes measured in every sample. Each spot's identity is its barcode (the h5ad's
+    ``obs_names``): ``obs["spot_id"]`` and the circles' index are the barcode, ``obs_names`` ``f"{S}_{barcode}"``.
 
     Examples
     --------
@@ -79,6 +98,7 @@ def read_hest(
                 sample,
                 _per_sample(pixel_size_um, sample, "pixel_size_um"),
                 _per_sample(spot_diameter_um, sample, "spot_diameter_um"),
+                _patient(patient_id, sample),
             )
             for sample in ids
         ]
@@ -86,16 +106,15 @@ def read_hest(
 
 
 def _per_sample(value, sample: str, name: str) -> float | None:
-    if value is None:
-        return None
     if isinstance(value, Mapping):
-        value = value.get(sample)
-        if value is None:
-            return None
-    value = float(value)
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` of {sample!r} must be a positive number, got {value}.")
-    return value
+        return check_number(value.get(sample), f"{name}[{sample!r}]")
+    return check_number(value, name)
+
+
+def _patient(value, sample: str) -> str | None:
+    if isinstance(value, Mapping):
+        return check_id(value.get(sample), f"patient_id[{sample!r}]", allow_none=True)
+    return check_id(value, "patient_id", allow_none=True)
 
 
 def _number(metadata: dict, key: str) -> float | None:
@@ -107,7 +126,9 @@ def _number(metadata: dict, key: str) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-def _read_one(hest_dir: Path, sample: str, pixel_size_um: float | None, spot_diameter_um: float | None):
+def _read_one(
+    hest_dir: Path, sample: str, pixel_size_um: float | None, spot_diameter_um: float | None, patient: str | None
+):
     import anndata as ad
 
     st_file = hest_dir / "st" / f"{sample}.h5ad"
@@ -143,14 +164,17 @@ def _read_one(hest_dir: Path, sample: str, pixel_size_um: float | None, spot_dia
     levels, file_pixel_size = read_image_levels(wsi)
     technology = _TECHNOLOGIES.get(str(metadata.get("st_technology", "")).strip().lower())
 
+    implied, grid = _grid_pixel_size(adata.obs, spatial, technology)
     if pixel_size_um is not None:
-        pixel_size, source = pixel_size_um, "given"
+        pixel_size, source = pixel_size_um, "given as `pixel_size_um`"
     elif _number(metadata, "pixel_size_um_embedded") is not None:
         pixel_size, source = _number(metadata, "pixel_size_um_embedded"), "metadata: pixel_size_um_embedded"
     elif _number(metadata, "pixel_size_um_estimated") is not None:
         pixel_size, source = _number(metadata, "pixel_size_um_estimated"), "metadata: pixel_size_um_estimated"
     elif file_pixel_size is not None:
         pixel_size, source = file_pixel_size, "read from the image file"
+    elif implied is not None:
+        pixel_size, source = implied, f"inferred from the spot grid, {grid}"
     elif technology is not None:
         pixel_size = infer_pixel_size(spatial, technology)
         source = f"inferred from the {GRID_PITCH_UM[technology]:.0f} um spot grid"
@@ -159,7 +183,12 @@ def _read_one(hest_dir: Path, sample: str, pixel_size_um: float | None, spot_dia
             f"HEST sample {sample!r}: the image resolution is unknown (no pixel size in {str(meta_file)!r} or the "
             f"TIFF, and st_technology {metadata.get('st_technology')!r} gives no known grid). Pass `pixel_size_um=`."
         )
+    if not source.startswith("inferred"):
+        check_pixel_size(pixel_size, implied, sample=sample, source=source, grid=grid)
     log_pixel_size(sample, pixel_size, source)
+    if patient is None:
+        found = metadata.get("patient")
+        patient = found.strip() if isinstance(found, str) and found.strip() else None
 
     if spot_diameter_um is None:
         spot_diameter_um = _number(metadata, "spot_diameter")
@@ -183,4 +212,30 @@ def _read_one(hest_dir: Path, sample: str, pixel_size_um: float | None, spot_dia
         levels=levels,
         pixel_size_um=pixel_size,
         spot_diameter_um=spot_diameter_um,
+        instance_ids=adata.obs_names,
+        patient=patient,
+    )
+
+
+def _grid_pixel_size(obs: pd.DataFrame, spatial: np.ndarray, technology: str | None) -> tuple[float | None, str]:
+    """Pixel size the spot grid implies (array coordinates if ``obs`` has them, else spot distances), and its name."""
+    if technology is None:
+        return None, ""
+    if {"array_col", "array_row"} <= set(obs.columns):
+        col = pd.to_numeric(obs["array_col"], errors="coerce").to_numpy(float)
+        row = pd.to_numeric(obs["array_row"], errors="coerce").to_numpy(float)
+        layout = "visium" if technology == "visium" else st_array_layout(col, row)
+        implied = pixel_size_from_array(col, row, spatial, layout)
+        if implied is not None:
+            return implied, layout_name(layout)
+    if len(spatial) < 3:
+        return None, ""
+    # spot distances only: a legacy ST array may be 1k or 2k, so no cross-check there
+    return (
+        (GRID_PITCH_UM["visium"] / grid_pitch_px(spatial), layout_name("visium"))
+        if technology == "visium"
+        else (
+            None,
+            "",
+        )
     )

@@ -1,13 +1,40 @@
-"""Micrometres per pixel from the spot grid when no file or user says it."""
+"""Micrometres per pixel from the spot grid when no file or user says it, and a cross-check of a given one.
+
+Array geometry (centre-to-centre distances between spots on the slide):
+
+- legacy Spatial Transcriptomics "1k" array: a square grid of 33 x 35 positions, 200 um between neighbouring spots;
+  one step of the array coordinate ``x`` or ``y`` is 200 um.
+- legacy ST "2k" array: 67 x 64 positions of which only every other one (a checkerboard) holds a spot, so the
+  nearest neighbours are diagonal, 141 um (= 200 / sqrt 2) apart; one array step is 100 um. Taking the 1k pitch for
+  a 2k array would be 41 % off.
+- Visium: a hexagonal grid with 100 um between neighbours; one step of ``array_col`` is 50 um (spots of a row sit on
+  every other column) and one step of ``array_row`` is 100 * sqrt(3) / 2 = 86.6 um.
+
+Where a reader has array coordinates, the pixels per array step (an affine fit of pixel to array coordinates) give
+the resolution robustly; the spot-centre distances alone are the fallback.
+"""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
-# Centre-to-centre distance of neighbouring spots, per technology.
+from st_from_he._logging import logger
+
+# Centre-to-centre distance of neighbouring spots, per technology (legacy ST: the 1k array).
 GRID_PITCH_UM = {"st": 200.0, "visium": 100.0}
 # Physical spot diameters, per technology.
 SPOT_DIAMETER_UM = {"st": 100.0, "visium": 55.0}
+# Micrometres per step of the array coordinates (column, row), per array layout.
+ARRAY_STEP_UM = {"st_1k": (200.0, 200.0), "st_2k": (100.0, 100.0), "visium": (50.0, 50.0 * np.sqrt(3.0))}
+_LAYOUT_NAMES = {
+    "st_1k": "legacy ST 1k array (200 um per array step)",
+    "st_2k": "legacy ST 2k array (100 um per array step, 141 um between neighbours)",
+    "visium": "Visium array (100 um between neighbours)",
+}
+# A resolution further than this (relative) from the one implied by the spot grid is warned about.
+RESOLUTION_TOLERANCE = 0.25
 
 
 def grid_pitch_px(spatial_px: np.ndarray) -> float:
@@ -70,3 +97,108 @@ def technology_from_diameter(diameter_um: float, *, tolerance: float = 0.15) -> 
         if abs(diameter_um - diameter) <= tolerance * diameter:
             return technology
     return None
+
+
+def st_array_layout(array_col: np.ndarray, array_row: np.ndarray) -> str:
+    """``"st_1k"`` or ``"st_2k"``: whether legacy ST spots sit on a square grid or on a checkerboard (2k array).
+
+    On the 1k array neighbouring spots are one array step apart; on the 2k array only positions of one parity of
+    ``x + y`` hold spots, so the nearest spot is a diagonal step away. Also a 2k array has coordinates beyond the 1k
+    array's 33 x 35.
+    """
+    from scipy.spatial import cKDTree
+
+    coords = np.c_[np.asarray(array_col, dtype=float), np.asarray(array_row, dtype=float)]
+    if len(coords) < 2:
+        return "st_1k"
+    dist, _ = cKDTree(coords).query(coords, k=2)
+    nearest = np.median(dist[:, 1])
+    if 1.2 < nearest < 1.7:  # sqrt(2): diagonal neighbours only
+        return "st_2k"
+    if coords[:, 0].max() > 34 or coords[:, 1].max() > 36:
+        return "st_2k"
+    return "st_1k"
+
+
+def array_step_px(array_col: np.ndarray, array_row: np.ndarray, spatial_px: np.ndarray) -> tuple[float, float] | None:
+    """Pixels per step of the array column and of the array row, from an affine fit of pixel to array coordinates.
+
+    Spots the spot detector moved far from their array position (outliers of the first fit) are left out of a second
+    fit. ``None`` if the spots do not span two directions of the array (fewer than 3, or all in one line).
+    """
+    design = np.c_[np.asarray(array_col, dtype=float), np.asarray(array_row, dtype=float), np.ones(len(array_col))]
+    target = np.asarray(spatial_px, dtype=float)[:, :2]
+    ok = np.all(np.isfinite(design), axis=1) & np.all(np.isfinite(target), axis=1)
+    design, target = design[ok], target[ok]
+    if len(design) < 3 or np.linalg.matrix_rank(design) < 3:
+        return None
+    coef, *_ = np.linalg.lstsq(design, target, rcond=None)
+    residual = np.linalg.norm(design @ coef - target, axis=1)
+    keep = residual <= max(3 * np.median(residual), 1e-9)
+    if keep.sum() >= 3 and np.linalg.matrix_rank(design[keep]) == 3:
+        coef, *_ = np.linalg.lstsq(design[keep], target[keep], rcond=None)
+    col_px, row_px = float(np.linalg.norm(coef[0])), float(np.linalg.norm(coef[1]))
+    if not (col_px > 0 and row_px > 0):
+        return None
+    return col_px, row_px
+
+
+def pixel_size_from_array(
+    array_col: np.ndarray, array_row: np.ndarray, spatial_px: np.ndarray, layout: str
+) -> float | None:
+    """Micrometres per pixel implied by the array coordinates and their pixel positions on a known layout.
+
+    Parameters
+    ----------
+    array_col, array_row
+        Array coordinates of the spots (legacy ST: ``x``, ``y`` of the spot file; Visium: ``array_col``,
+        ``array_row``).
+    spatial_px
+        Spot centres in pixels, shape ``(n_spots, 2)``.
+    layout
+        A key of :data:`ARRAY_STEP_UM` (``"st_1k"``, ``"st_2k"``, ``"visium"``).
+
+    Returns
+    -------
+    The pixel size, or ``None`` when the spots do not determine it (see :func:`array_step_px`).
+    """
+    steps = array_step_px(array_col, array_row, spatial_px)
+    if steps is None:
+        return None
+    col_um, row_um = ARRAY_STEP_UM[layout]
+    return float(np.mean([col_um / steps[0], row_um / steps[1]]))
+
+
+def layout_name(layout: str) -> str:
+    """Words for an array layout, for messages."""
+    return _LAYOUT_NAMES.get(layout, layout)
+
+
+def check_pixel_size(pixel_size_um: float, implied_um: float | None, *, sample: str, source: str, grid: str) -> None:
+    """Warn (``UserWarning`` and the log) when a resolution disagrees with the spot grid by more than 25 %.
+
+    Parameters
+    ----------
+    pixel_size_um
+        The resolution about to be used.
+    implied_um
+        The one implied by the spot grid; ``None`` skips the check.
+    sample
+        Section id, for the message.
+    source
+        Where ``pixel_size_um`` came from (e.g. ``"given"``), for the message.
+    grid
+        What the grid is (e.g. ``layout_name("st_1k")``), for the message.
+    """
+    if implied_um is None or not np.isfinite(implied_um):
+        return
+    ratio = pixel_size_um / implied_um
+    if abs(ratio - 1) <= RESOLUTION_TOLERANCE:
+        return
+    message = (
+        f"Sample {sample!r}: the pixel size {pixel_size_um:.4g} um ({source}) is {ratio:.2f}x the {implied_um:.4g} um "
+        f"that the spot positions imply on the {grid}. Patches would be cut at the wrong size. Check `pixel_size_um` "
+        f"and that the spot coordinates are in pixels of this image (not of a scaled copy)."
+    )
+    logger.warning(message)
+    warnings.warn(message, UserWarning, stacklevel=3)

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 from scipy import sparse
 
+from st_from_he._logging import logger
 from st_from_he._sdata import (
     INSTANCE_KEY,
     REGION_KEY,
@@ -17,20 +18,27 @@ from st_from_he._sdata import (
     micrometre_transform,
     spots_key,
 )
-from st_from_he._validate import check_raw_counts, check_spots_in_image, is_raw_counts
+from st_from_he._validate import check_raw_counts, check_spots_in_image, counts_dtype, is_raw_counts
 
 from ._image import image_element
 
+PATIENT_KEY = "patient"
+"""``obs`` column naming each spot's patient (the unit of leave-one-patient-out evaluation)."""
 
-def spots_element(spatial_px: np.ndarray, radius_px: float, sample: str, pixel_size_um: float):
-    """Circles of ``radius_px`` at the spot centres, indexed ``0..n-1``, in the sample's micrometre system."""
+
+def spots_element(spatial_px: np.ndarray, radius_px: float, sample: str, pixel_size_um: float, index=None):
+    """Circles of ``radius_px`` at the spot centres in the sample's micrometre system.
+
+    ``index`` names the circles (the spots' instance ids, strings); ``None`` numbers them ``0..n-1``.
+    """
     from spatialdata.models import ShapesModel
 
+    index = np.arange(len(spatial_px)) if index is None else pd.Index(np.asarray(index, dtype=object), dtype=object)
     return ShapesModel.parse(
         np.asarray(spatial_px, dtype=float),
         geometry=0,
         radius=np.full(len(spatial_px), float(radius_px)),
-        index=np.arange(len(spatial_px)),
+        index=index,
         transformations={sample: micrometre_transform(pixel_size_um)},
     )
 
@@ -48,11 +56,22 @@ def build_section(
     spot_diameter_um: float,
     obsm: dict | None = None,
     require_counts: bool = True,
+    instance_ids=None,
+    patient: str | None = None,
+    where: str | None = None,
 ):
     """One section as a :class:`~spatialdata.SpatialData`: image, circles and a table of raw counts.
 
     Give either ``counts`` (spots x genes DataFrame) or ``x`` with ``var``. ``obs`` rows match the spots, and so do
     the rows of ``spatial_px`` (x = column, y = row, in pixels of ``levels[0]``). ``x`` is copied, never shared.
+
+    Spot identity: ``instance_ids`` (strings, unique within the section) name the circles (the shapes index) and fill
+    ``obs["spot_id"]``, the table's instance key; ``None`` takes ``obs.index``. Readers pass an id that survives
+    re-reading the same data with other spots left out (legacy ST ``"{x}x{y}"``, Visium and HEST the barcode), so
+    predictions and measurements are matched by (region, spot id), never by row position.
+
+    ``obs["patient"]`` is ``patient``; with ``None`` an existing ``obs["patient"]`` is kept, else the sample id is used.
+    ``where`` names the data for messages (e.g. the counts file).
 
     With ``require_counts=True`` (readers of raw data) ``x`` must hold raw counts. With ``require_counts=False``
     (:func:`~st_from_he.io.attach_histology`, whose users may hold normalised data) ``x`` is kept as given and
@@ -81,20 +100,29 @@ def build_section(
         )
     if len(spatial_px) != len(obs):
         raise ValueError(f"Sample {sample!r}: {len(spatial_px)} spot centres for {len(obs)} expression rows.")
+    where = where or f"Counts of sample {sample!r}"
+    ids = _instance_ids(obs.index if instance_ids is None else instance_ids, len(obs), sample)
+    # Validate before any cast: a cast first would wrap counts beyond int32 into negative numbers.
+    genes, spots = var.index, obs.index
     if require_counts:
-        check_raw_counts(x, where=f"Counts of sample {sample!r}")
+        check_raw_counts(x, where=where, genes=genes, spots=spots)
         raw = True
     else:
         raw = is_raw_counts(x)
     x = sparse.csr_matrix(x, copy=True)
     if raw and (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        x = x.astype(np.int32)
+        dtype = counts_dtype(x, where=where)
+        if dtype is not np.int32:
+            logger.info("%s: counts exceed the int32 range; kept as int64.", sample)
+        x = x.astype(dtype)
 
     region = spots_key(sample)
     obs = obs.copy()
     obs[SAMPLE_KEY] = pd.Categorical([sample] * len(obs))
     obs[REGION_KEY] = pd.Categorical([region] * len(obs))
-    obs[INSTANCE_KEY] = np.arange(len(obs))
+    obs[INSTANCE_KEY] = pd.Series(ids, index=obs.index, dtype=object)
+    if patient is not None or PATIENT_KEY not in obs:
+        obs[PATIENT_KEY] = pd.Categorical([sample if patient is None else patient] * len(obs))
     table = ad.AnnData(X=x, obs=obs, var=var.copy())
     table.obsm[SPATIAL_KEY] = np.asarray(spatial_px, dtype=float)
     for key, value in (obsm or {}).items():
@@ -107,9 +135,22 @@ def build_section(
     radius_px = spot_diameter_um / 2 / pixel_size_um
     return SpatialData(
         images={image_key(sample): image_element(levels, pixel_size_um, sample)},
-        shapes={region: spots_element(spatial_px, radius_px, sample, pixel_size_um)},
+        shapes={region: spots_element(spatial_px, radius_px, sample, pixel_size_um, index=ids)},
         tables={TABLE_KEY: table},
     )
+
+
+def _instance_ids(ids, n: int, sample: str) -> np.ndarray:
+    """Instance ids as an object array of strings, checked to be unique (spatialdata needs str or int ids)."""
+    ids = pd.Index(ids).astype(str)
+    if len(ids) != n:
+        raise ValueError(f"Sample {sample!r}: {len(ids)} spot ids for {n} spots.")
+    if ids.has_duplicates:
+        raise ValueError(
+            f"Sample {sample!r}: spot ids repeat ({list(ids[ids.duplicated()].unique()[:5])}); every spot needs its own "
+            f"id, so that predictions and measurements are matched by spot and never by row position."
+        )
+    return np.asarray(ids, dtype=object)
 
 
 def concatenate(sdatas, *, join: str = "inner"):
@@ -150,7 +191,6 @@ def concatenate(sdatas, *, join: str = "inner"):
     import spatialdata as sd
     from spatialdata import SpatialData
 
-    from st_from_he._logging import logger
     from st_from_he._sdata import samples
 
     if isinstance(sdatas, SpatialData):
@@ -198,7 +238,6 @@ def _prefix_colliding_obs_names(sdatas: list) -> list:
     """If spot names repeat across sections, name every spot ``f"{sample}_{name}"`` (inputs are not modified)."""
     from spatialdata import SpatialData
 
-    from st_from_he._logging import logger
 
     names = [s.tables[TABLE_KEY].obs_names for s in sdatas if TABLE_KEY in s.tables]
     if not names or sum(len(n) for n in names) == len(pd.Index([]).append(names).unique()):

@@ -11,9 +11,10 @@ import pandas as pd
 
 from st_from_he._logging import logger
 from st_from_he._sdata import SPATIAL_KEY, TABLE_KEY
+from st_from_he._validate import check_id, check_number
 
 from ._image import _check_sample_id, log_pixel_size, read_image_levels
-from ._resolution import SPOT_DIAMETER_UM, infer_pixel_size
+from ._resolution import SPOT_DIAMETER_UM, check_pixel_size, infer_pixel_size, layout_name, pixel_size_from_array
 from ._section import build_section
 
 _COUNTS_FILE = "filtered_feature_bc_matrix.h5"
@@ -27,6 +28,7 @@ def read_visium(
     fullres_image: str | Path | None = None,
     sample_id: str | None = None,
     pixel_size_um: float | None = None,
+    patient_id: str | None = None,
 ):
     """Read one 10x Genomics Visium section (Space Ranger output) into :class:`~spatialdata.SpatialData`.
 
@@ -49,16 +51,21 @@ def read_visium(
         name or its ``library_ids`` attribute.
     pixel_size_um
         Micrometres per pixel of the full-resolution image (the one Space Ranger's pixel coordinates refer to). ``None``
-        infers it from the 100 um Visium grid pitch of the spots (logged); ``spot_diameter_fullres`` is not used, as
-        it is often not the 55 um spot.
+        infers it from the Visium grid (pixels per step of ``array_col``/``array_row``, 50 um / 86.6 um; logged);
+        ``spot_diameter_fullres`` is not used, as it is often not the 55 um spot. A given value more than 25 % away
+        from the grid's is used with a ``UserWarning``.
+    patient_id
+        The patient the section comes from, written to ``obs["patient"]``; ``None`` takes the sample id.
 
     Returns
     -------
     A :class:`~spatialdata.SpatialData` with image ``f"{sample_id}_image"`` (the full-resolution image if given, else
     the hires image, each with its own micrometre scale), circles ``f"{sample_id}_spots"`` of 55 um diameter, and table
-    ``"table"``: raw integer counts in ``X``, ``obs["sample"]``, ``obs["barcode"]``, ``obs["in_tissue"]``,
+    ``"table"``: raw integer counts in ``X``, ``obs["sample"]``, ``obs["patient"]``, ``obs["barcode"]``,
+    ``obs["in_tissue"]``,
     ``obs["array_row"]``, ``obs["array_col"]``, ``var`` as Space Ranger wrote it, and ``obsm["spatial"]``, the spot
-    centres in pixels of ``f"{sample_id}_image"``.
+    centres in pixels of ``f"{sample_id}_image"``. Each spot's identity is its barcode: ``obs["spot_id"]`` and the
+    circles' index are the barcode, ``obs_names`` are ``f"{sample_id}_{barcode}"``.
 
     Examples
     --------
@@ -69,6 +76,11 @@ def read_visium(
     """
     from spatialdata_io import visium
 
+    if not isinstance(path, str | Path):
+        raise TypeError(f"`path` must be a folder path, got {type(path).__name__}.")
+    check_id(sample_id, "sample_id", allow_none=True)
+    check_id(patient_id, "patient_id", allow_none=True)
+    pixel_size_um = check_number(pixel_size_um, "pixel_size_um")
     path = _outs_folder(Path(path))
     counts_file = _counts_file(path)
     scalefactors = _read_scalefactors(path)
@@ -77,8 +89,6 @@ def read_visium(
     if sample_id is None:
         sample_id = _library_id(counts_file)
     _check_sample_id(sample_id)
-    if pixel_size_um is not None and (not np.isfinite(pixel_size_um) or pixel_size_um <= 0):
-        raise ValueError(f"`pixel_size_um` must be a positive number, got {pixel_size_um}.")
     image_path = None
     if fullres_image is not None:
         image_path = Path(fullres_image)
@@ -114,10 +124,18 @@ def read_visium(
         scale, what = float(scalefactors["tissue_hires_scalef"]), "hires image"
     spatial_px = fullres_px * scale
 
+    implied = None
+    if {"array_col", "array_row"} <= set(table.obs.columns):
+        implied = pixel_size_from_array(table.obs["array_col"], table.obs["array_row"], spatial_px, "visium")
+    if implied is None and len(spatial_px) >= 3:
+        implied = infer_pixel_size(spatial_px, "visium")
     if pixel_size_um is not None:
         pixel_size, source = float(pixel_size_um) / scale, "given"
+        check_pixel_size(pixel_size, implied, sample=sample_id, source="given as `pixel_size_um`", grid="Visium grid")
     else:
-        pixel_size, source = infer_pixel_size(spatial_px, "visium"), "inferred from the 100 um Visium spot grid"
+        if implied is None:
+            implied = infer_pixel_size(spatial_px, "visium")  # raises: too few spots
+        pixel_size, source = implied, f"inferred from the spot grid, {layout_name('visium')}"
         if file_pixel_size is not None and abs(file_pixel_size - pixel_size) > 0.05 * pixel_size:
             logger.warning(
                 "%s: the image file records %.3f um per pixel, but the Visium grid gives %.3f; using the grid. Pass "
@@ -142,6 +160,8 @@ def read_visium(
         levels=levels,
         pixel_size_um=pixel_size,
         spot_diameter_um=SPOT_DIAMETER_UM["visium"],
+        instance_ids=table.obs_names,
+        patient=patient_id,
     )
 
 
