@@ -65,6 +65,13 @@ class EncoderSpec:
         Maps the published state dict onto timm's key names (``None``: already timm's).
     default_weights
         Returns the local weights used when none are given (``None``: the hub id).
+
+    Examples
+    --------
+    >>> from st_from_he.models import FOUNDATION_ENCODERS, EncoderSpec
+    >>> FOUNDATION_ENCODERS["virchow2"].pooling
+    'cls+mean'
+    >>> mine = EncoderSpec(name="my-vit", architecture="vit_small_patch16_224", timm_kwargs={"init_values": 1e-5})
     """
 
     name: str
@@ -117,6 +124,15 @@ def efficientnet_lite_to_timm(model: nn.Module, state: dict[str, torch.Tensor]) 
     -------
     The same tensors under timm's names (``"blocks.1.1.conv_pw.weight"``); keys already in timm's naming pass
     through unchanged. Raises :class:`ValueError` for a block index the model does not have or an unknown layer.
+
+    Examples
+    --------
+    >>> import timm, torch
+    >>> from st_from_he.models import efficientnet_lite_to_timm
+    >>> model = timm.create_model("tf_efficientnet_lite0", num_classes=0)
+    >>> state = {"_blocks.1._expand_conv.weight": torch.zeros(96, 16, 1, 1), "_conv_stem.weight": torch.zeros(32, 3, 3, 3)}
+    >>> sorted(efficientnet_lite_to_timm(model, state))
+    ['blocks.1.0.conv_pw.weight', 'conv_stem.weight']
     """
     nested = [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
     out: dict[str, torch.Tensor] = {}
@@ -364,6 +380,12 @@ def weights_file(path: str | Path, spec: EncoderSpec | None = None) -> Path:
     FileNotFoundError
         If nothing is at ``path``, or the folder holds none of ``spec.weights_files``; the message says where to
         get the weights.
+
+    Examples
+    --------
+    >>> from st_from_he.models import encoder_spec, weights_file
+    >>> weights_file("~/models/UNI2-h", encoder_spec("uni2-h"))  # doctest: +SKIP
+    PosixPath('/home/me/models/UNI2-h/pytorch_model.bin')
     """
     path = Path(path).expanduser()
     where = f" Get them from {spec.source}." if spec is not None and spec.source else ""
@@ -433,6 +455,13 @@ def load_pretrained(
     ValueError
         If the file cannot be read, or its keys or shapes do not fit the model: the message names the missing,
         unexpected and mis-shaped keys.
+
+    Examples
+    --------
+    >>> import timm
+    >>> from st_from_he.models import load_pretrained
+    >>> model = timm.create_model("vit_large_patch16_224", init_values=1e-5, num_classes=0)  # UNI's architecture
+    >>> load_pretrained(model, "UNI/pytorch_model.bin", name="uni")  # doctest: +SKIP
     """
     path = Path(path)
     state = _read_state_dict(path)
