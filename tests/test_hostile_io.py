@@ -13,9 +13,17 @@ import pytest
 from PIL import Image
 
 import st_from_he as sth
+from st_from_he._logging import logger
 from st_from_he._sdata import pixel_size_um
 from st_from_he.datasets import _her2st
-from st_from_he.io._resolution import array_step_px, grid_pitch_px, pixel_size_from_array, st_array_layout
+from st_from_he.io._resolution import (
+    array_step_px,
+    grid_pitch_px,
+    infer_pixel_size,
+    pixel_size_from_array,
+    st_array_layout,
+    st_layout_from_pixels,
+)
 
 N_GENES = 40
 
@@ -144,6 +152,20 @@ def test_bad_counts_name_file_gene_and_spot(crop, tmp_path, value, message):
     assert "counts.tsv" in str(err.value) and f"gene {gene!r}" in str(err.value) and f"spot {spot!r}" in str(err.value)
 
 
+def test_repeated_gene_names_kept_apart_not_renamed_silently(crop, tmp_path, caplog):
+    counts = _counts(crop)
+    gene = counts.columns[0]
+    counts.columns = [gene, gene, *counts.columns[2:]]
+    logger.addHandler(caplog.handler)  # the package logger does not propagate
+    try:
+        table = _read(_copy(crop, tmp_path, counts=counts)).tables["table"]
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert list(table.var_names[:2]) == [gene, f"{gene}-1"]  # not pandas' silent 'GENE.1'
+    assert f"names gene(s) ['{gene}'] more than once" in caplog.text
+    np.testing.assert_array_equal(table.X[:, 1].toarray().ravel(), counts.iloc[:, 1].to_numpy())
+
+
 def test_text_in_counts(crop, tmp_path):
     counts = _counts(crop).astype(object)
     counts.iloc[1, 2] = "ten"
@@ -247,8 +269,11 @@ def test_array_layouts_1k_and_2k(full):
     )
     one_k = pixel_size_from_array(col, row, spatial, "st_1k")
     assert pixel_size_from_array(c2, r2, s2, "st_2k") == pytest.approx(one_k / 2, rel=0.03)
-    # the nearest-neighbour distance alone would say 141 um on the 2k array, 41 % off the 1k pitch of 200 um
+    # the nearest-neighbour distance alone would say 141 um on the 2k array, 41 % off the 1k pitch of 200 um;
+    # without array coordinates the 2k array is told by its diagonal neighbours
     assert grid_pitch_px(s2) / grid_pitch_px(spatial) == pytest.approx(np.sqrt(2), rel=0.05)
+    assert st_layout_from_pixels(spatial) == "st_1k" and st_layout_from_pixels(s2) == "st_2k"
+    assert infer_pixel_size(s2, "st") == pytest.approx(infer_pixel_size(spatial, "st") / 2, rel=0.05)
 
 
 # ---- 5. wrong argument types ----------------------------------------------------------------------------------------

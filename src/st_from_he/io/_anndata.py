@@ -18,10 +18,8 @@ from ._resolution import (
     SPOT_DIAMETER_UM,
     check_pixel_size,
     grid_pitch_px,
+    implied_pixel_size,
     infer_pixel_size,
-    layout_name,
-    pixel_size_from_array,
-    st_array_layout,
     technology_from_diameter,
     technology_from_pitch,
 )
@@ -245,16 +243,12 @@ def attach_histology(
 
 
 def _grid_pixel_size(adata, spatial_px: np.ndarray, technology: str | None) -> tuple[float | None, str]:
-    """Pixel size implied by the array coordinates ``obs["array_col"]``, ``obs["array_row"]`` on a known grid.
-
-    ``(None, "")`` without a technology or array coordinates (the spot-distance inference is the caller's fallback).
-    """
-    if technology is None or not {"array_col", "array_row"} <= set(adata.obs.columns):
+    """Pixel size the spot grid implies (array coordinates if ``obs`` has them, else spot distances), and its name."""
+    if technology is None:
         return None, ""
-    col = pd.to_numeric(adata.obs["array_col"], errors="coerce").to_numpy(float)
-    row = pd.to_numeric(adata.obs["array_row"], errors="coerce").to_numpy(float)
-    layout = "visium" if technology == "visium" else st_array_layout(col, row)
-    return pixel_size_from_array(col, row, spatial_px, layout), layout_name(layout)
+    has_array = {"array_col", "array_row"} <= set(adata.obs.columns)
+    col, row = (adata.obs["array_col"], adata.obs["array_row"]) if has_array else (None, None)
+    return implied_pixel_size(spatial_px, technology, col, row)
 
 
 def _check_reserved_columns(obs: pd.DataFrame, sample: str) -> None:

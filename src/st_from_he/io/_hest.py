@@ -14,16 +14,7 @@ from st_from_he._sdata import SPATIAL_KEY
 from st_from_he._validate import check_id, check_number
 
 from ._image import _check_sample_id, log_pixel_size, read_image_levels
-from ._resolution import (
-    GRID_PITCH_UM,
-    SPOT_DIAMETER_UM,
-    check_pixel_size,
-    grid_pitch_px,
-    infer_pixel_size,
-    layout_name,
-    pixel_size_from_array,
-    st_array_layout,
-)
+from ._resolution import GRID_PITCH_UM, SPOT_DIAMETER_UM, check_pixel_size, implied_pixel_size, infer_pixel_size
 from ._section import build_section, concatenate
 
 # HEST's `st_technology` -> the package's technology key (grid pitch and spot size known).
@@ -221,21 +212,6 @@ def _grid_pixel_size(obs: pd.DataFrame, spatial: np.ndarray, technology: str | N
     """Pixel size the spot grid implies (array coordinates if ``obs`` has them, else spot distances), and its name."""
     if technology is None:
         return None, ""
-    if {"array_col", "array_row"} <= set(obs.columns):
-        col = pd.to_numeric(obs["array_col"], errors="coerce").to_numpy(float)
-        row = pd.to_numeric(obs["array_row"], errors="coerce").to_numpy(float)
-        layout = "visium" if technology == "visium" else st_array_layout(col, row)
-        implied = pixel_size_from_array(col, row, spatial, layout)
-        if implied is not None:
-            return implied, layout_name(layout)
-    if len(spatial) < 3:
-        return None, ""
-    # spot distances only: a legacy ST array may be 1k or 2k, so no cross-check there
-    return (
-        (GRID_PITCH_UM["visium"] / grid_pitch_px(spatial), layout_name("visium"))
-        if technology == "visium"
-        else (
-            None,
-            "",
-        )
-    )
+    has_array = {"array_col", "array_row"} <= set(obs.columns)
+    col, row = (obs["array_col"], obs["array_row"]) if has_array else (None, None)
+    return implied_pixel_size(spatial, technology, col, row)

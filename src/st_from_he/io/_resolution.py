@@ -33,6 +33,8 @@ _LAYOUT_NAMES = {
     "st_2k": "legacy ST 2k array (100 um per array step, 141 um between neighbours)",
     "visium": "Visium array (100 um between neighbours)",
 }
+# Distance between nearest spots, per array layout.
+NEIGHBOUR_UM = {"st_1k": 200.0, "st_2k": 200.0 / np.sqrt(2.0), "visium": 100.0}
 # A resolution further than this (relative) from the one implied by the spot grid is warned about.
 RESOLUTION_TOLERANCE = 0.25
 
@@ -76,11 +78,65 @@ def infer_pixel_size(spatial_px: np.ndarray, technology: str) -> float:
     spatial_px
         Spot centres in pixels, shape ``(n_spots, 2)``.
     technology
-        ``"st"`` (legacy Spatial Transcriptomics, 200 um pitch) or ``"visium"`` (100 um pitch).
+        ``"st"`` (legacy Spatial Transcriptomics: 200 um pitch on the 1k array, 141 um on the 2k array, told apart by
+        the neighbours' direction, see :func:`st_layout_from_pixels`) or ``"visium"`` (100 um pitch).
     """
     if technology not in GRID_PITCH_UM:
         raise ValueError(f"Unknown technology {technology!r}; expected one of {sorted(GRID_PITCH_UM)}.")
-    return GRID_PITCH_UM[technology] / grid_pitch_px(spatial_px)
+    pitch_px = grid_pitch_px(spatial_px)
+    if technology == "st" and st_layout_from_pixels(spatial_px) == "st_2k":
+        return NEIGHBOUR_UM["st_2k"] / pitch_px
+    return GRID_PITCH_UM[technology] / pitch_px
+
+
+def st_layout_from_pixels(spatial_px: np.ndarray) -> str:
+    """``"st_2k"`` if neighbouring spots lie diagonally in the image (the 2k array's checkerboard), else ``"st_1k"``.
+
+    Without array coordinates the two arrays differ only in orientation: the 2k array is a square grid of 141 um
+    turned by 45 degrees against the array axes, which the scanner's image axes follow.
+    """
+    from scipy.spatial import cKDTree
+
+    spatial_px = np.asarray(spatial_px, dtype=float)
+    if len(spatial_px) < 3:
+        return "st_1k"
+    _, index = cKDTree(spatial_px).query(spatial_px, k=2)
+    step = np.abs(spatial_px[index[:, 1]] - spatial_px)
+    angle = np.degrees(np.arctan2(step[:, 1], step[:, 0]))
+    return "st_2k" if np.median(np.minimum(angle, 90 - angle)) > 30 else "st_1k"
+
+
+def implied_pixel_size(
+    spatial_px: np.ndarray, technology: str, array_col=None, array_row=None
+) -> tuple[float | None, str]:
+    """The pixel size the spot grid implies, and the grid's name, for messages.
+
+    Array coordinates, when given, decide the layout (legacy ST 1k or 2k) and give the pixels per array step; else
+    the spot-centre distances do (:func:`infer_pixel_size`). ``(None, name)`` when neither can (fewer than 3 spots).
+    """
+    if technology not in GRID_PITCH_UM:
+        raise ValueError(f"Unknown technology {technology!r}; expected one of {sorted(GRID_PITCH_UM)}.")
+    spatial_px = np.asarray(spatial_px, dtype=float)
+    if array_col is not None and array_row is not None:
+        col = np.asarray(pd_numeric(array_col), dtype=float)
+        row = np.asarray(pd_numeric(array_row), dtype=float)
+        layout = "visium" if technology == "visium" else st_array_layout(col, row)
+        implied = pixel_size_from_array(col, row, spatial_px, layout)
+        if implied is not None:
+            return implied, layout_name(layout)
+    else:
+        layout = "visium" if technology == "visium" else st_layout_from_pixels(spatial_px)
+    if len(spatial_px) < 3:
+        return None, layout_name(layout)
+    pitch_um = GRID_PITCH_UM["visium"] if layout == "visium" else NEIGHBOUR_UM[layout]
+    return pitch_um / grid_pitch_px(spatial_px), layout_name(layout)
+
+
+def pd_numeric(values) -> np.ndarray:
+    """Values as floats, anything non-numeric as NaN (array coordinates may arrive as strings or categories)."""
+    import pandas as pd
+
+    return pd.to_numeric(pd.Series(np.asarray(values)), errors="coerce").to_numpy(float)
 
 
 def technology_from_pitch(pitch_um: float, *, tolerance: float = 0.15) -> str | None:

@@ -128,6 +128,7 @@ def build_section(
     for key, value in (obsm or {}).items():
         table.obsm[key] = value
     if not table.var_names.is_unique:
+        logger.info("%s: repeated gene names are made unique ('GENE', 'GENE-1').", sample)
         table.var_names_make_unique()
     table = TableModel.parse(table, region=region, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
     table.uns[UNS_KEY] = {"raw_counts": bool(raw)}
@@ -237,7 +238,6 @@ def _holds_raw_counts(table) -> bool:
 def _prefix_colliding_obs_names(sdatas: list) -> list:
     """If spot names repeat across sections, name every spot ``f"{sample}_{name}"`` (inputs are not modified)."""
     from spatialdata import SpatialData
-
 
     names = [s.tables[TABLE_KEY].obs_names for s in sdatas if TABLE_KEY in s.tables]
     if not names or sum(len(n) for n in names) == len(pd.Index([]).append(names).unique()):

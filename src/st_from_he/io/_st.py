@@ -14,15 +14,7 @@ from st_from_he._logging import logger
 from st_from_he._validate import check_id, check_number, check_raw_counts
 
 from ._image import log_pixel_size, read_image_levels
-from ._resolution import (
-    ARRAY_STEP_UM,
-    SPOT_DIAMETER_UM,
-    check_pixel_size,
-    grid_pitch_px,
-    layout_name,
-    pixel_size_from_array,
-    st_array_layout,
-)
+from ._resolution import SPOT_DIAMETER_UM, check_pixel_size, implied_pixel_size, infer_pixel_size
 from ._section import build_section
 
 _POSITION = re.compile(r"^\d+x\d+$")
@@ -151,19 +143,15 @@ def read_st(
 
 def _resolution(sample_id, given, file_pixel_size, array_col, array_row, spatial) -> tuple[float, str]:
     """The pixel size to use and where it came from; a given or file value is cross-checked against the grid."""
-    layout = st_array_layout(array_col, array_row)
-    implied = pixel_size_from_array(array_col, array_row, spatial, layout)
-    grid = layout_name(layout)
-    if implied is None and (given is None and file_pixel_size is None or len(spatial) >= 3):
-        # spots along one line only: the nearest-neighbour distance, diagonal on the 2k array (raises for < 3 spots)
-        step = ARRAY_STEP_UM[layout][0] * (np.sqrt(2.0) if layout == "st_2k" else 1.0)
-        implied = step / grid_pitch_px(spatial)
+    implied, grid = implied_pixel_size(spatial, "st", array_col, array_row)
     if given is not None:
         check_pixel_size(given, implied, sample=sample_id, source="given as `pixel_size_um`", grid=grid)
         return given, "given"
     if file_pixel_size is not None:
         check_pixel_size(file_pixel_size, implied, sample=sample_id, source="read from the image file", grid=grid)
         return file_pixel_size, "read from the image file"
+    if implied is None:
+        infer_pixel_size(spatial, "st")  # raises: too few spots to tell the grid
     return implied, f"inferred from the spot grid, {grid}"
 
 
@@ -220,8 +208,15 @@ def _read_count_file(path: str | Path) -> pd.DataFrame:
             f"raw counts must be numbers."
         )
     check_raw_counts(counts.to_numpy(), where=f"Counts file {str(path)!r}", genes=counts.columns, spots=counts.index)
-    if counts.columns.has_duplicates:
-        logger.warning("Counts file %s names genes more than once; they are kept apart as 'GENE', 'GENE-1'.", path)
+    # pandas renames a repeated column 'GENE' to 'GENE.1' without a word; take the header as written and say so
+    header = _read_tsv(path, "counts", header=None, nrows=1, dtype=str, keep_default_na=False).iloc[0, 1:]
+    if len(header) == counts.shape[1] and header.duplicated().any():
+        counts.columns = header.to_numpy()
+        logger.warning(
+            "Counts file %s names gene(s) %s more than once; the columns are kept apart as 'GENE', 'GENE-1'.",
+            path,
+            list(header[header.duplicated()].unique()[:5]),
+        )
     return counts
 
 

@@ -14,7 +14,7 @@ from st_from_he._sdata import SPATIAL_KEY, TABLE_KEY
 from st_from_he._validate import check_id, check_number
 
 from ._image import _check_sample_id, log_pixel_size, read_image_levels
-from ._resolution import SPOT_DIAMETER_UM, check_pixel_size, infer_pixel_size, layout_name, pixel_size_from_array
+from ._resolution import SPOT_DIAMETER_UM, check_pixel_size, implied_pixel_size, infer_pixel_size
 from ._section import build_section
 
 _COUNTS_FILE = "filtered_feature_bc_matrix.h5"
@@ -124,18 +124,16 @@ def read_visium(
         scale, what = float(scalefactors["tissue_hires_scalef"]), "hires image"
     spatial_px = fullres_px * scale
 
-    implied = None
-    if {"array_col", "array_row"} <= set(table.obs.columns):
-        implied = pixel_size_from_array(table.obs["array_col"], table.obs["array_row"], spatial_px, "visium")
-    if implied is None and len(spatial_px) >= 3:
-        implied = infer_pixel_size(spatial_px, "visium")
+    has_array = {"array_col", "array_row"} <= set(table.obs.columns)
+    col, row = (table.obs["array_col"], table.obs["array_row"]) if has_array else (None, None)
+    implied, grid = implied_pixel_size(spatial_px, "visium", col, row)
     if pixel_size_um is not None:
         pixel_size, source = float(pixel_size_um) / scale, "given"
-        check_pixel_size(pixel_size, implied, sample=sample_id, source="given as `pixel_size_um`", grid="Visium grid")
+        check_pixel_size(pixel_size, implied, sample=sample_id, source="given as `pixel_size_um`", grid=grid)
     else:
         if implied is None:
-            implied = infer_pixel_size(spatial_px, "visium")  # raises: too few spots
-        pixel_size, source = implied, f"inferred from the spot grid, {layout_name('visium')}"
+            infer_pixel_size(spatial_px, "visium")  # raises: too few spots to tell the grid
+        pixel_size, source = implied, f"inferred from the spot grid, {grid}"
         if file_pixel_size is not None and abs(file_pixel_size - pixel_size) > 0.05 * pixel_size:
             logger.warning(
                 "%s: the image file records %.3f um per pixel, but the Visium grid gives %.3f; using the grid. Pass "
