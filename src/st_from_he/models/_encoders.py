@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -198,6 +199,19 @@ class ImageEncoder(nn.Module):
         if features.ndim == 4:
             features = features.flatten(1, 2) if self._channels_last else features.flatten(2).transpose(1, 2)
         return features
+
+    def fingerprint(self) -> str:
+        """SHA-256 of every parameter and buffer (names, shapes, dtypes and values), in state-dict order.
+
+        Two encoders with the same fingerprint compute the same features: a saved model records it to check that
+        the encoder it rebuilds (from a seed or a weights file) is the one it was fitted with.
+        """
+        digest = hashlib.sha256()
+        for name, tensor in self.state_dict().items():
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     @staticmethod
     def pool(tokens: torch.Tensor) -> torch.Tensor:

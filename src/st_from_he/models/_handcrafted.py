@@ -44,7 +44,9 @@ def handcrafted_features(patches: np.ndarray) -> np.ndarray:
     hed = np.einsum("ij,njp->nip", _HED_FROM_RGB.T, od)
     haem, eosin = hed[:, 0], hed[:, 1]
     tissue = grey < _BACKGROUND
-    nuclear = haem > np.percentile(haem, 75)  # relative threshold: robust to stain intensity between scanners
+    # relative threshold, each patch its own (never the batch's): robust to stain intensity between scanners, and a
+    # spot's features depend on its own patch only
+    nuclear = haem > np.percentile(haem, 75, axis=1, keepdims=True)
     features = [*[f for c in range(3) for f in _stats(rgb[:, c])], *_stats(haem), *_stats(eosin)]
     features += [tissue.mean(1), (nuclear & tissue).mean(1), (haem * tissue).sum(1) / np.maximum(tissue.sum(1), 1)]
     features += [(eosin * tissue).sum(1) / np.maximum(tissue.sum(1), 1)]

@@ -32,16 +32,21 @@ class RidgeProbe:
     encoder
         timm name of the frozen encoder for ``features="encoder"``.
     encoder_weights
-        Weights of that encoder (``None``: random initialisation).
+        Weights of that encoder (``None``: random initialisation, drawn from ``seed``, so that a saved probe
+        rebuilds the same encoder).
+    img_size
+        Input side in pixels of that encoder, for encoders with a fixed input size (ViTs); ``None``: the side of
+        the patches.
     lowres
         If above 1, also fit on a copy of every training patch blurred as if scanned up to ``lowres`` times coarser
         (:func:`~st_from_he.models.lower_resolution`), so that the probe holds up on lower-resolution images.
     seed
-        Seed of the blur factors.
+        Seed of the blur factors and of a random-init encoder.
     per_section
         Standardise the features of each section (each group of :meth:`fit` and :meth:`predict_features`) with that
         section's own mean and standard deviation before the ridge, and fit each gene's expression z-scored within
-        its training section. Per-gene correlations within a section are blind to section-wide shifts: this removes
+        its training section. A spot's prediction then depends on the other spots of its section given in the same
+        call (their feature statistics), never on the batching or the order of the spots. Per-gene correlations within a section are blind to section-wide shifts: this removes
         the ones that stain, scanner and resolution put into the features, and weighs every training section
         equally for every gene. Sections to predict with fewer than :data:`MIN_SECTION_SPOTS` spots (training
         sections: fewer than :data:`MIN_TRAINING_SECTION_SPOTS`) fall back to the statistics pooled over the
@@ -60,6 +65,7 @@ class RidgeProbe:
         encoder: str = "resnet18",
         encoder_weights=None,
         *,
+        img_size: int | None = None,
         lowres: float = 0.0,
         seed: int = 0,
         per_section: bool = False,
@@ -72,6 +78,7 @@ class RidgeProbe:
         self.features = features
         self.encoder = encoder
         self.encoder_weights = encoder_weights
+        self.img_size = img_size
         self.lowres = lowres
         self.seed = seed
         self.per_section = per_section
@@ -80,6 +87,7 @@ class RidgeProbe:
         self._encoder_module = None
 
     def _features(self, patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        # every feature of a spot is computed from its own patch alone: batching never changes it
         if self.features in ("handcrafted", "handcrafted+blobs"):
             from st_from_he.models._handcrafted import handcrafted_features, stain_blob_features
 
@@ -96,10 +104,8 @@ class RidgeProbe:
     def _encoder_features(self, patches: np.ndarray, batch_size: int) -> np.ndarray:
         import torch
 
-        from st_from_he.models import ImageEncoder
-
         if self._encoder_module is None:
-            self._encoder_module = ImageEncoder(self.encoder, weights=self.encoder_weights).eval()
+            self._encoder_module = self._build_encoder(patches.shape[-1])
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         scales = patches.shape[1] if patches.ndim == 5 else 1
@@ -112,6 +118,42 @@ class RidgeProbe:
                 out.append(pooled.reshape(len(pooled) // scales, -1).numpy())
         return np.concatenate(out).astype(np.float32)
 
+    def _build_encoder(self, side: int):
+        """The frozen encoder (eval mode), its random initialisation drawn from :attr:`seed`.
+
+        A fitted probe records the encoder's :meth:`~st_from_he.models.ImageEncoder.fingerprint`: an encoder
+        rebuilt otherwise (another torch or timm version, another weights file) is refused, not silently used.
+        """
+        import torch
+
+        from st_from_he.models import ImageEncoder
+
+        img_size = int(self.state.get("img_size", self.img_size or side))
+        with torch.random.fork_rng(devices=[]):  # seeds the initialisation without touching the caller's stream
+            torch.manual_seed(int(self.state.get("seed", self.seed)))
+            encoder = ImageEncoder(self.encoder, weights=self.encoder_weights, img_size=img_size).eval()
+        expected = self.state.get("encoder_sha256")
+        if expected is not None and encoder.fingerprint() != str(expected):
+            raise ValueError(
+                f"The encoder {self.encoder!r} rebuilt for this ridge probe differs from the one it was fitted with "
+                f"(another torch or timm version, or another `encoder_weights` file {self.encoder_weights!r}): its "
+                f"features would not match the coefficients. Refit the model with this setup."
+            )
+        return encoder
+
+    def check_encoder(self) -> None:
+        """Rebuild the encoder of a fitted ``features="encoder"`` probe now, raising if it is not the fitted one."""
+        if self.features != "encoder":
+            return
+        if "encoder_sha256" not in self.state and self.encoder_weights is None:
+            raise ValueError(
+                "This ridge probe was saved by an older version that did not record its random encoder, which "
+                "cannot be rebuilt: refit the model and save it again."
+            )
+        if "img_size" not in self.state and self.img_size is None:
+            raise ValueError("This ridge probe does not record its encoder's input size; pass `img_size`.")
+        self._encoder_module = self._build_encoder(int(self.state.get("img_size", self.img_size or 0)))
+
     def fit(self, patches: np.ndarray, targets: np.ndarray, groups=None) -> RidgeProbe:
         """Fit on uint8 patches ``(n, [s,] 3, h, w)`` and log-normalised targets ``(n, genes)``.
 
@@ -122,12 +164,20 @@ class RidgeProbe:
 
         targets = np.asarray(targets, dtype=np.float64)
         groups = _groups(groups, len(targets))
+        self.state, self._encoder_module = {}, None  # a refit builds its encoder afresh from the seed
         x = self._features(patches)
         state: dict[str, np.ndarray] = {
             "features": np.array(self.features or ""),
             "per_section": np.array(self.per_section),
             "target_mean": targets.mean(0).astype(np.float32),
+            "seed": np.array(self.seed),
         }
+        if self.features == "encoder":
+            # what rebuilds the same frozen encoder when the probe is loaded, and its fingerprint to check it
+            state |= {
+                "img_size": np.array(self.img_size or patches.shape[-1]),
+                "encoder_sha256": np.array(self._encoder_module.fingerprint()),
+            }
         if not x.shape[1]:
             self.state = state
             return self
@@ -206,6 +256,11 @@ class RidgeProbe:
             raise RuntimeError("The ridge probe is not fitted; call `fit` first.")
         mean = self.state["target_mean"]
         if "coef" not in self.state:
+            if self.features is not None:  # a damaged state must not quietly predict the training mean
+                raise ValueError(
+                    f"The {self.features!r} ridge probe has no coefficients (`coef`): its state is incomplete. "
+                    "Refit it, or reload the model from an intact save."
+                )
             return np.tile(mean, (len(features), 1)), np.zeros((len(features), 0), dtype=np.float32)
         x = np.asarray(features, dtype=np.float64)
         if bool(self.state.get("per_section", False)):
@@ -218,13 +273,44 @@ class RidgeProbe:
         """Arrays that define the fitted probe (saved by :meth:`ExpressionModel.save`)."""
         return dict(self.state)
 
-    def set_state(self, state: dict[str, np.ndarray]) -> RidgeProbe:
-        """Restore a fitted probe from :meth:`get_state`."""
+    def set_state(self, state: dict[str, np.ndarray], n_genes: int | None = None) -> RidgeProbe:
+        """Restore a fitted probe from :meth:`get_state`.
+
+        Raises a :class:`ValueError` naming the array if the state is incomplete or its shapes disagree (with each
+        other, or with ``n_genes`` when given).
+        """
         self.state = {k: np.asarray(v) for k, v in state.items()}
+        self._encoder_module = None
         self.per_section = bool(self.state.get("per_section", False))
         if "features" in self.state:  # probes saved before the feature set was recorded keep the constructor's
             self.features = str(self.state["features"]) or None
+        if "seed" in self.state:
+            self.seed = int(self.state["seed"])
+        self._check_state(n_genes)
         return self
+
+    def _check_state(self, n_genes: int | None) -> None:
+        state = self.state
+        required = ["target_mean"]
+        if self.features is not None:
+            required += ["feature_mean", "feature_std", "coef"]
+        if self.per_section and self.features is not None:
+            required += ["pooled_mean", "pooled_std"]
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"the {self.features!r} ridge probe lacks the arrays {missing}.")
+        mean = state["target_mean"]
+        genes = len(mean) if n_genes is None else n_genes
+        if mean.shape != (genes,):
+            raise ValueError(f"`target_mean` has shape {mean.shape}, expected ({genes},) for {genes} genes.")
+        if self.features is None:
+            return
+        coef = state["coef"]
+        if coef.ndim != 2 or coef.shape[1] != genes:
+            raise ValueError(f"`coef` has shape {coef.shape}, expected (features, {genes}) for {genes} genes.")
+        for key in ("feature_mean", "feature_std", *(("pooled_mean", "pooled_std") if self.per_section else ())):
+            if state[key].shape != (coef.shape[0],):
+                raise ValueError(f"`{key}` has shape {state[key].shape}, expected ({coef.shape[0]},) as `coef`.")
 
 
 def _groups(groups, n: int) -> np.ndarray:
@@ -259,7 +345,9 @@ def _standardise_sections(
     for group in np.unique(groups):
         rows = groups == group
         if rows.sum() >= min_spots:
-            mean, std = x[rows].mean(0), x[rows].std(0) + eps
+            # statistics of the sorted columns: the same to the last bit whatever the order of the spots
+            block = np.sort(x[rows], axis=0)
+            mean, std = block.mean(0), block.std(0) + eps
         else:
             small.append(str(group))
             mean, std = pooled_mean, pooled_std

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import math
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +24,13 @@ from st_from_he._settings import settings
 from ._baselines import MIN_SECTION_SPOTS, MIN_TRAINING_SECTION_SPOTS
 from ._data import SpotArrays, as_list, concat_arrays, spot_arrays
 from ._presets import BASELINE_PRESETS, NEURAL_PRESETS, RIDGE_BLEND_PRESETS, check_preset
+from ._training import check_device
 
 _FORMAT = 1
+_PACKAGE = "st_from_he"  # the marker in model.json of a model directory written by this package
 _CONFIG_FILE, _WEIGHTS_FILE, _ARRAYS_FILE = "model.json", "weights.safetensors", "arrays.npz"
+_MODEL_FILES = frozenset({_CONFIG_FILE, _WEIGHTS_FILE, _ARRAYS_FILE})
+_BACKUP_TAG = ".old-"  # `.{name}.old-<hex>`: the previous model, kept while an overwrite swaps the new one in
 _RIDGE_OPTIONS = frozenset(
     {"features", "context_scales", "img_size", "encoder", "encoder_weights", "lowres", "per_section", "rank"}
 )
@@ -32,6 +38,7 @@ _RIDGE_OPTIONS = frozenset(
 # 20 to 50 measure the same on the benchmark, 5 is too few).
 _BLEND_PROBE = {"features": "handcrafted+blobs", "per_section": True, "rank": 30}
 _RIDGE_PREFIX = "ridge_"  # arrays of a neural model's ridge probe, beside its retrieval bank
+_GENES_KEY = "model_genes"  # the genes, also in arrays.npz: a model.json whose genes were edited is refused
 
 
 class ExpressionModel:
@@ -50,6 +57,12 @@ class ExpressionModel:
     - ``"ridge"``: ridge regression on hand-crafted colour, stain and texture features (spot and 3x context).
     - ``"ridge_encoder"``: ridge regression on pooled features of a frozen (by default random-init) resnet18.
     - ``"mean"``: the mean training expression everywhere.
+
+    A spot's prediction depends on its own patches only, never on the batch size or the order of the spots, with
+    one documented exception: ridge probes standardised per section (the default preset's, or ``per_section=True``)
+    standardise the image features of each section with the mean and standard deviation of that section's spots
+    predicted in the same call (at least 30 of them; fewer fall back to the training statistics). Predict whole
+    sections at once to get each section's own statistics.
 
     Parameters
     ----------
@@ -94,14 +107,12 @@ class ExpressionModel:
         blend_ridge: bool | None = None,
         **config: Any,
     ):
-        genes = [str(g) for g in genes] if not isinstance(genes, str) else [genes]
-        if not genes:
-            raise ValueError("`genes` is empty; pass the genes to predict, e.g. `sth.pp.select_genes(sdata)`.")
-        duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
-        if duplicated:
-            raise ValueError(f"`genes` lists these genes more than once: {duplicated[:10]}.")
-        self.genes = genes
+        self.genes = _check_genes(genes)
         self.preset = check_preset(preset)
+        if size_um is not None:
+            size_um = _check_number(size_um, "size_um", "a patch side in micrometres, e.g. 112")
+        if blend_ridge is not None and not isinstance(blend_ridge, bool | np.bool_):
+            raise TypeError(f"`blend_ridge` must be True, False or None (the preset's choice), got {blend_ridge!r}.")
         if preset in NEURAL_PRESETS:
             from st_from_he.models import ModelConfig
 
@@ -238,6 +249,17 @@ class ExpressionModel:
         """
         if isinstance(val_sections, str):
             raise ValueError(f"`val_sections` must be a list of sample ids, got the string {val_sections!r}.")
+        if isinstance(spots, str):
+            raise ValueError(f"`spots` must be a list of obs_names, got the string {spots!r}.")
+        max_epochs = _check_int(max_epochs, "max_epochs", 1, "a number of epochs, e.g. 20", none=True)
+        smallest = 2 if self.is_neural and self.config.contrastive else 1  # a contrastive batch needs negatives
+        batch_size = _check_int(batch_size, "batch_size", smallest, "spots per batch, e.g. 64", none=True)
+        seed = _check_int(seed, "seed", None, "an integer, e.g. 0")
+        patience = _check_int(patience, "patience", 1, "epochs without improvement, e.g. 5, or None", none=True)
+        if lr is not None:
+            lr = _check_number(lr, "lr", "a learning rate, e.g. 1e-3")
+        if max_time is not None:
+            max_time = _check_number(max_time, "max_time", "a number of seconds, e.g. 3600")
         progress_bar = settings.progress_bar if progress_bar is None else progress_bar
         with timed(f"Cutting training patches ({self.size_um:g} um, {self.size_px} px, context {self.context})"):
             data = self._arrays(sdata, table_key=table_key, fill_missing_genes=fill_missing_genes, spots=spots)
@@ -261,6 +283,7 @@ class ExpressionModel:
                     self.config["features"],
                     self.config.get("encoder", "resnet18"),
                     self.config.get("encoder_weights"),
+                    img_size=self.size_px,
                     lowres=self.config.get("lowres", 0.0),
                     seed=seed,
                     per_section=self.config.get("per_section", False),
@@ -432,7 +455,7 @@ class ExpressionModel:
         starts = range(0, len(patches), batch_size)
         with torch.inference_mode():
             for start in tqdm(starts, disable=not progress_bar, desc="Predicting", unit="batch"):
-                batch = _stack(patches, start, min(start + batch_size, len(patches)))
+                batch = self._stack(patches, start, min(start + batch_size, len(patches)))
                 if self._probe is not None:
                     ridge.append(self._probe.featurize(batch))
                 x = normalise_images(torch.from_numpy(batch).to(device), self.config.image_mean, self.config.image_std)
@@ -471,8 +494,11 @@ class ExpressionModel:
             :func:`st_from_he.pp.extract_patches` with this model's ``size_um``, ``size_px`` and ``context``.
         groups
             Section (sample) of each patch, e.g. ``patches.samples``; ``None``: all patches come from one section.
-            The default preset's ridge probe standardises its features within each section, so pass whole sections
-            (at least 30 spots each; smaller groups fall back to the training statistics).
+            The default preset's ridge probe (and any ``per_section=True`` ridge) standardises its features within
+            each section, with the mean and standard deviation of that section's patches in this call, so pass whole
+            sections (at least 30 spots each; smaller groups fall back to the training statistics). Every other
+            part of a prediction depends on the spot's own patch only; ``batch_size`` and the order of the patches
+            never change a prediction.
         device
             Torch device; ``"auto"`` picks a GPU when available; ``None`` uses :attr:`device`.
         batch_size
@@ -485,19 +511,45 @@ class ExpressionModel:
         ``(expression, embeddings)``: float32 arrays ``(n, n_genes)`` and ``(n, d)``.
         """
         self._check_fitted()
+        batch_size = _check_int(batch_size, "batch_size", 1, "patches per forward pass, e.g. 64")
+        device = check_device(self.device if device is None else device)
+        if groups is not None:
+            if isinstance(groups, str):
+                raise TypeError(f"`groups` must give the section of each patch, got the string {groups!r}.")
+            if len(groups) != len(patches):
+                raise ValueError(f"`groups` has {len(groups)} entries for {len(patches)} patches; give one per patch.")
         progress_bar = settings.progress_bar if progress_bar is None else progress_bar
+        if not len(patches):
+            raise ValueError("`patches` is empty: there is nothing to predict.")
         if not self.is_neural:
             features = [
-                self._probe.featurize(_stack(patches, i, min(i + batch_size, len(patches))))
+                self._probe.featurize(self._stack(patches, i, min(i + batch_size, len(patches))))
                 for i in tqdm(range(0, len(patches), batch_size), disable=not progress_bar, desc="Predicting")
             ]
             return self._probe.predict_features(np.concatenate(features), groups)
-        device = self.device if device is None else device
         parts, embeddings = self._predict_parts(
             patches, groups=groups, device=device, batch_size=batch_size, progress_bar=progress_bar
         )
         expression = sum(self.blend[name] * parts[name] for name in parts)
         return expression.astype(np.float32), embeddings
+
+    def _stack(self, patches, start: int, stop: int) -> np.ndarray:
+        """Patches ``start:stop`` as one uint8 array ``(b, s, 3, h, w)``, checked against the model's geometry."""
+        if isinstance(patches, np.ndarray):
+            batch = patches[start:stop]
+        else:
+            batch = np.stack([np.asarray(patches[i]) for i in range(start, stop)])
+        batch = batch[:, None] if batch.ndim == 4 else batch
+        expected = (len(self.context), 3, self.size_px, self.size_px)
+        if batch.shape[1:] != expected or batch.dtype != np.uint8:
+            # features of patches of another size or scale mean something else: refuse rather than predict
+            raise ValueError(
+                f"Patches of shape {batch.shape[1:]} ({batch.dtype}) do not fit this model, which takes uint8 "
+                f"patches {expected} (context {self.context}, {self.size_px} px for {self.size_um:g} um); cut them "
+                f"with `sth.pp.extract_patches(sdata, size_um={self.size_um:g}, size_px={self.size_px}, "
+                f"context={self.context})`."
+            )
+        return batch
 
     # -- persistence -----------------------------------------------------------------------------------------------
 
@@ -505,15 +557,18 @@ class ExpressionModel:
         """Write the model to a directory: complete or absent, never half-written.
 
         The directory holds ``model.json`` (preset, genes, patch geometry, normalisation, hyperparameters, blend
-        weight, history, package version), the weights (``weights.safetensors``) and the retrieval bank or ridge
-        coefficients (``arrays.npz``). It is written to a temporary sibling and renamed into place.
+        weights, history, package version, and the size and sha256 checksum of every other file), the weights
+        (``weights.safetensors``) and the retrieval bank or ridge coefficients (``arrays.npz``). It is written to a
+        temporary sibling and renamed into place.
 
         Parameters
         ----------
         path
             Target directory.
         overwrite
-            Replace an existing directory.
+            Replace an existing model directory written by this package (and only such a directory: anything else
+            at ``path`` is refused, never deleted). The previous model is renamed to a hidden backup
+            ``.{name}.old-<id>`` beside it until the new one is in place, and put back if the swap fails.
 
         Returns
         -------
@@ -522,14 +577,34 @@ class ExpressionModel:
         from st_from_he import __version__
 
         self._check_fitted()
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise FileExistsError(f"{str(path)!r} exists; pass `overwrite=True` to replace it.")
+        path = _check_path(path)
+        if not isinstance(overwrite, bool | np.bool_):
+            raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}.")
+        replace = path.exists() or path.is_symlink()
+        if replace:
+            if not overwrite:
+                raise FileExistsError(f"{str(path)!r} exists; pass `overwrite=True` to replace it.")
+            _check_replaceable(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
+            files = []
+            if self.is_neural:
+                from safetensors.torch import save_file
+
+                save_file({k: v.contiguous() for k, v in self._module.state_dict().items()}, tmp / _WEIGHTS_FILE)
+                files.append(_WEIGHTS_FILE)
+                arrays = dict(self._bank or {})
+                if self._probe is not None:
+                    arrays |= {_RIDGE_PREFIX + k: v for k, v in self._probe.get_state().items()}
+            else:
+                arrays = self._probe.get_state()
+            arrays[_GENES_KEY] = np.array(self.genes, dtype=str)
+            np.savez(tmp / _ARRAYS_FILE, **arrays)
+            files.append(_ARRAYS_FILE)
             meta = {
+                "package": _PACKAGE,
                 "format": _FORMAT,
                 "package_version": __version__,
                 "preset": self.preset,
@@ -543,23 +618,15 @@ class ExpressionModel:
                 "blend_ridge": self.blend_ridge,
                 "training": _jsonable(self.training_info),
                 "history": None if self.history is None else self.history.to_dict(orient="list"),
+                # ties every file to this model.json: a file of another model (or a damaged one) is refused by load
+                "files": {name: _file_record(tmp / name) for name in files},
+                "arrays": {name: list(np.shape(value)) for name, value in arrays.items()},
             }
             (tmp / _CONFIG_FILE).write_text(json.dumps(meta, indent=1))
-            if self.is_neural:
-                from safetensors.torch import save_file
-
-                save_file({k: v.contiguous() for k, v in self._module.state_dict().items()}, tmp / _WEIGHTS_FILE)
-                arrays = dict(self._bank or {})
-                if self._probe is not None:
-                    arrays |= {_RIDGE_PREFIX + k: v for k, v in self._probe.get_state().items()}
-            else:
-                arrays = self._probe.get_state()
-            np.savez(tmp / _ARRAYS_FILE, **arrays)
-            if path.exists():
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
+            for name in (*files, _CONFIG_FILE):
+                _fsync(tmp / name)
+            if replace:
+                _swap_in(tmp, path)
             else:
                 os.replace(tmp, path)
         finally:
@@ -569,7 +636,11 @@ class ExpressionModel:
 
     @classmethod
     def load(cls, path: str | Path, *, device: str = "auto") -> ExpressionModel:
-        """Load a model written by :meth:`save`, checking that it is complete and compatible.
+        """Load a model written by :meth:`save`, checking that it is complete and that its files belong together.
+
+        Every file is checked against the size and sha256 checksum recorded in ``model.json``, and every array
+        against the model's genes and configuration; a missing, damaged or foreign file raises an error naming it.
+        Models saved by older versions without checksums load with a warning, after the same shape checks.
 
         Parameters
         ----------
@@ -586,75 +657,86 @@ class ExpressionModel:
         --------
         >>> model = sth.tl.ExpressionModel.load("her2st_model")  # doctest: +SKIP
         """
-        path = Path(path)
+        path = _check_path(path)
+        device = check_device(device)
         if not path.is_dir():
-            raise FileNotFoundError(f"No model directory at {str(path)!r}.")
-        try:
-            meta = json.loads((path / _CONFIG_FILE).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(
-                f"{str(path)!r} is not a readable st_from_he model: {_CONFIG_FILE} is missing or corrupt ({err})."
-            ) from err
-        required = {"format", "preset", "genes", "size_um", "config", "context"}
-        if not required <= set(meta) or meta["format"] != _FORMAT:
-            raise ValueError(
-                f"{str(path)!r} has an incompatible model format (keys {sorted(meta)}, format "
-                f"{meta.get('format')}, expected {_FORMAT}); re-save it with this version."
-            )
+            if path.exists():
+                raise NotADirectoryError(f"{str(path)!r} is a file, not a model directory written by `save`.")
+            raise FileNotFoundError(f"No model directory at {str(path)!r}.{_backup_hint(path)}")
+        meta = _read_meta(path / _CONFIG_FILE)
+        expected_files = [_WEIGHTS_FILE, _ARRAYS_FILE] if meta["preset"] in NEURAL_PRESETS else [_ARRAYS_FILE]
+        _verify_files(path, meta, expected_files)
         config = dict(meta["config"])
         if meta["preset"] in NEURAL_PRESETS:
             config["encoder_weights"] = None  # the trained weights below replace any initial weights
-        model = cls(
-            meta["genes"],
-            preset=meta["preset"],
-            size_um=meta["size_um"],
-            blend_ridge=meta.get("blend_ridge", False) if meta["preset"] in NEURAL_PRESETS else None,
-            **{k: v for k, v in config.items() if k not in ("features", "patch_um")},
-        )
+        try:
+            model = cls(
+                meta["genes"],
+                preset=meta["preset"],
+                size_um=meta["size_um"],
+                blend_ridge=meta.get("blend_ridge", False) if meta["preset"] in NEURAL_PRESETS else None,
+                **{k: v for k, v in config.items() if k not in ("features", "patch_um")},
+            )
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{str(path / _CONFIG_FILE)!r} does not describe a valid model: {err}") from err
         model.blend = meta.get("blend")
         model.training_info = meta.get("training", {})
         model.history = None if meta.get("history") is None else pd.DataFrame(meta["history"])
+        arrays = _read_arrays(path / _ARRAYS_FILE)
+        from ._baselines import RidgeProbe
+
         try:
-            arrays = dict(np.load(path / _ARRAYS_FILE))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"{str(path)!r}: {_ARRAYS_FILE} is missing or corrupt ({err}).") from err
-        if model.is_neural:
-            from safetensors import SafetensorError
-            from safetensors.torch import load_file
-
-            from st_from_he.models import ExpressionModule
-
-            module = ExpressionModule(model.config, n_genes=len(model.genes))
-            try:
-                module.load_state_dict(load_file(path / _WEIGHTS_FILE))
-            except (OSError, RuntimeError, SafetensorError) as err:
-                raise ValueError(
-                    f"{str(path)!r}: the weights do not fit the saved configuration or are corrupt ({str(err)[:300]})."
-                ) from err
-            model._module = module.eval()
-            ridge = {k.removeprefix(_RIDGE_PREFIX): v for k, v in arrays.items() if k.startswith(_RIDGE_PREFIX)}
-            if ridge:
-                from ._baselines import RidgeProbe
-
-                model._probe = RidgeProbe("handcrafted").set_state(ridge)
-            model._bank = {k: v for k, v in arrays.items() if not k.startswith(_RIDGE_PREFIX)} or None
-        else:
-            from ._baselines import RidgeProbe
-
-            model._probe = RidgeProbe(
-                model.config["features"], model.config.get("encoder", "resnet18"), model.config.get("encoder_weights")
-            ).set_state(arrays)
+            saved_genes = arrays.pop(_GENES_KEY, None)  # models saved before it was recorded have none
+            if saved_genes is not None and saved_genes.tolist() != model.genes:
+                raise ValueError(f"its genes differ from the {len(model.genes)} genes of {_CONFIG_FILE}.")
+            if model.is_neural:
+                model._module = _read_weights(path / _WEIGHTS_FILE, model)
+                ridge = {k.removeprefix(_RIDGE_PREFIX): v for k, v in arrays.items() if k.startswith(_RIDGE_PREFIX)}
+                if ridge or model.blend_ridge:
+                    model._probe = RidgeProbe("handcrafted").set_state(ridge, n_genes=len(model.genes))
+                    if model._probe.features is None:
+                        raise ValueError("the blended ridge probe has no features.")
+                model._bank = {k: v for k, v in arrays.items() if not k.startswith(_RIDGE_PREFIX)} or None
+                model._check_bank()
+            else:
+                model._probe = RidgeProbe(
+                    model.config["features"],
+                    model.config.get("encoder", "resnet18"),
+                    model.config.get("encoder_weights"),
+                    img_size=model.size_px,
+                ).set_state(arrays, n_genes=len(model.genes))
+                if model._probe.features != model.config["features"]:
+                    raise ValueError(
+                        f"it holds a {model._probe.features!r} ridge probe, but the model's features are "
+                        f"{model.config['features']!r}."
+                    )
+                model._probe.check_encoder()
+        except ValueError as err:
+            raise ValueError(f"{str(path / _ARRAYS_FILE)!r} does not fit the model in {_CONFIG_FILE}: {err}") from err
         model.device = device
         return model
 
-
-def _stack(patches, start: int, stop: int) -> np.ndarray:
-    """Patches ``start:stop`` as one uint8 array ``(b, s, 3, h, w)``."""
-    if isinstance(patches, np.ndarray):
-        batch = patches[start:stop]
-    else:
-        batch = np.stack([np.asarray(patches[i]) for i in range(start, stop)])
-    return batch[:, None] if batch.ndim == 4 else batch
+    def _check_bank(self) -> None:
+        """Raise if the retrieval bank and the blend do not match the network (shapes, components)."""
+        bank = self._bank
+        if self.config.contrastive:
+            if bank is None or set(bank) != {"expression", "embedding"}:
+                raise ValueError(
+                    f"the retrieval bank needs arrays 'expression' and 'embedding', got {sorted(bank or {})}."
+                )
+            n, genes, dim = len(bank["expression"]), len(self.genes), self.config.proj_dim
+            if bank["expression"].shape != (n, genes) or bank["embedding"].shape != (n, dim):
+                raise ValueError(
+                    f"the retrieval bank has shapes {bank['expression'].shape} and {bank['embedding'].shape}, "
+                    f"expected (spots, {genes}) and (spots, {dim})."
+                )
+        elif bank:
+            raise ValueError(f"the model has no retrieval, but the arrays {sorted(bank)} are a retrieval bank.")
+        parts = {"regression"} if self.config.regression_head else set()
+        parts |= {"retrieval"} if self.config.contrastive else set()
+        parts |= {"ridge"} if self._probe is not None else set()
+        if self.blend is None or set(self.blend) != parts:
+            raise ValueError(f"the blend weights {self.blend} do not cover the model's components {sorted(parts)}.")
 
 
 BLEND_GENES = 50
@@ -716,3 +798,206 @@ def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def _check_genes(genes) -> list[str]:
+    """``genes`` as a list of distinct non-empty strings (one string: one gene), else raise naming the fix."""
+    fix = "pass a list of gene names, e.g. `sth.pp.select_genes(sdata)`"
+    if isinstance(genes, str):
+        genes = [genes]
+    if genes is None or isinstance(genes, bytes | Mapping) or not isinstance(genes, Iterable):
+        raise TypeError(f"`genes` must be a list of gene names (str); {fix}. Got {genes!r}.")
+    genes = list(genes)
+    bad = [g for g in genes if not isinstance(g, str) or not g.strip()]
+    if bad:
+        raise TypeError(f"`genes` must hold gene names as non-empty strings; {fix}. Not names: {bad[:5]!r}.")
+    if not genes:
+        raise ValueError(f"`genes` is empty; {fix}.")
+    duplicated = pd.Index(genes)[pd.Index(genes).duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(f"`genes` lists these genes more than once: {duplicated[:10]}; give each gene once.")
+    return [str(g) for g in genes]
+
+
+def _check_int(value, name: str, minimum: int | None, example: str, *, none: bool = False) -> int | None:
+    """``value`` as an int (at least ``minimum``), else raise naming ``name`` and an ``example`` of a valid value."""
+    if value is None and none:
+        return None
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | np.integer):
+        raise TypeError(f"`{name}` must be an integer ({example}), got {value!r}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be at least {minimum} ({example}), got {value}.")
+    return int(value)
+
+
+def _check_number(value, name: str, example: str) -> float:
+    """``value`` as a positive finite float, else raise naming ``name``."""
+    if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"`{name}` must be a positive number ({example}), got {value!r}.")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"`{name}` must be a positive number ({example}), got {value}.")
+    return float(value)
+
+
+def _check_path(path) -> Path:
+    if not isinstance(path, str | os.PathLike) or not str(path):
+        raise TypeError(f"`path` must be a directory path (str or pathlib.Path), got {path!r}.")
+    return Path(path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _fsync(path: Path) -> None:
+    """Flush a written file to the disk, so that a crash after the rename cannot leave it half-written."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    """``model.json`` of a model directory, checked for the keys and format this version reads."""
+    try:
+        meta = json.loads(file.read_text())
+    except FileNotFoundError as err:
+        raise ValueError(f"{str(file.parent)!r} is not an st_from_he model: it has no {_CONFIG_FILE}.") from err
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{str(file)!r} is corrupt (not readable JSON: {err}); save the model again.") from err
+    required = {"format", "preset", "genes", "size_um", "config", "context"}
+    if not isinstance(meta, dict) or not required <= set(meta) or meta["format"] != _FORMAT:
+        keys = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(
+            f"{str(file)!r} is not a model of a format this version reads (keys {keys}, format "
+            f"{meta.get('format') if isinstance(meta, dict) else None}, expected {_FORMAT}); re-save it with this "
+            "version."
+        )
+    if meta.get("package", _PACKAGE) != _PACKAGE:
+        raise ValueError(f"{str(file)!r} was written by {meta['package']!r}, not by st_from_he.")
+    return meta
+
+
+def _verify_files(path: Path, meta: dict[str, Any], expected: list[str]) -> None:
+    """Check that each file ``expected`` of the model is there and is the one ``model.json`` records."""
+    for name in expected:
+        if not (path / name).is_file():
+            raise FileNotFoundError(
+                f"{str(path / name)!r} is missing: the model is incomplete. Restore the file or save the model again."
+            )
+    records = meta.get("files")
+    if records is None:
+        logger.warning(
+            "%s was saved by an older st_from_he version without checksums: its files cannot be checked to belong "
+            "to it (only their shapes are). Save it again to record them.",
+            path,
+        )
+        return
+    for name in expected:
+        record = records.get(name) if isinstance(records, dict) else None
+        if not isinstance(record, dict) or "sha256" not in record:
+            raise ValueError(f"{str(path / _CONFIG_FILE)!r} records no checksum of {name}; save the model again.")
+        file = path / name
+        if file.stat().st_size != record.get("bytes", file.stat().st_size) or _sha256(file) != record["sha256"]:
+            raise ValueError(
+                f"{str(file)!r} does not belong to this model: its size or sha256 differs from the one recorded in "
+                f"{_CONFIG_FILE} (a damaged file, or one copied from another model). Restore the model's own file "
+                "or save the model again."
+            )
+
+
+def _read_arrays(file: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(file, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except Exception as err:  # zip, zlib, npy-header and OS readers raise unrelated types on a damaged file
+        raise ValueError(
+            f"{str(file)!r} is missing or corrupt ({type(err).__name__}: {err}); restore it or save the model again."
+        ) from err
+
+
+def _read_weights(file: Path, model: ExpressionModel):
+    from safetensors.torch import load_file
+
+    from st_from_he.models import ExpressionModule
+
+    module = ExpressionModule(model.config, n_genes=len(model.genes))
+    try:
+        state = load_file(file)
+    except Exception as err:  # safetensors raises its own error types on a damaged file
+        raise ValueError(f"{str(file)!r} is corrupt ({type(err).__name__}: {err}); restore it or save again.") from err
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(
+            f"{str(file)!r}: the weights do not fit the configuration in {_CONFIG_FILE} ({str(err)[:300]})."
+        ) from err
+    return module.eval()
+
+
+def _check_replaceable(path: Path) -> None:
+    """Raise unless ``path`` is a model directory written by this package, holding nothing but its files."""
+    refuse = "`overwrite=True` replaces only a model directory written by st_from_he"
+    if path.is_symlink() or not path.is_dir():
+        raise FileExistsError(
+            f"{str(path)!r} is not a model directory; {refuse}. Remove it yourself or choose another path."
+        )
+    try:
+        meta = json.loads((path / _CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        meta = None
+    # models saved before the package marker was written carry format and package_version
+    ours = isinstance(meta, dict) and (
+        meta.get("package") == _PACKAGE
+        or ("package" not in meta and {"format", "package_version", "preset"} <= set(meta))
+    )
+    if not ours:
+        raise FileExistsError(
+            f"{str(path)!r} is not a model saved by st_from_he (no readable {_CONFIG_FILE} of this package); "
+            f"{refuse}. Remove it yourself or choose another path."
+        )
+    others = sorted(p.name for p in path.iterdir() if p.name not in _MODEL_FILES)
+    if others:
+        raise FileExistsError(
+            f"{str(path)!r} holds files that are not part of the model ({others[:10]}), which overwriting would "
+            f"delete; move them away or choose another path."
+        )
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Replace the model directory ``path`` by ``new``, keeping the old one until the new one is in place."""
+    backup = path.parent / f".{path.name}{_BACKUP_TAG}{uuid.uuid4().hex[:8]}"
+    os.replace(path, backup)
+    try:
+        os.replace(new, path)
+    except BaseException as err:
+        try:
+            os.replace(backup, path)
+        except OSError as restore_err:
+            raise OSError(
+                f"Replacing {str(path)!r} failed ({err}), and so did restoring the previous model ({restore_err}): it "
+                f"is kept at {str(backup)!r}; rename it to {path.name!r}."
+            ) from err
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+
+
+def _backup_hint(path: Path) -> str:
+    """Where an interrupted overwrite of ``path`` left the previous model, if it did."""
+    parent = path.parent
+    if not parent.is_dir():
+        return ""
+    backups = sorted(parent.glob(f".{path.name}{_BACKUP_TAG}*"))
+    backups = [b for b in backups if (b / _CONFIG_FILE).is_file()]
+    if not backups:
+        return ""
+    return (
+        f" An interrupted overwrite left the previous model at {str(backups[-1])!r}: rename it to {path.name!r} to "
+        "restore it."
+    )

@@ -40,6 +40,6 @@ RIDGE_BLEND_PRESETS = ("default",)
 
 def check_preset(preset: str) -> str:
     """Return ``preset`` or raise naming the known presets."""
-    if preset not in PRESETS:
-        raise ValueError(f"Unknown preset {preset!r}; choose one of {list(PRESETS)}.")
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; pass `preset=` one of {list(PRESETS)}.")
     return preset

@@ -13,13 +13,50 @@ import pandas as pd
 
 from st_from_he._settings import settings
 
+_DEVICE_TYPES = ("cpu", "cuda", "mps")
 
-def resolve_device(device: str = "auto") -> str:
-    """``"auto"`` -> ``"cuda"`` if available, else ``"mps"``, else ``"cpu"``."""
+
+def check_device(device, name: str = "device") -> str:
+    """Return ``device`` if it names a device (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``), else raise.
+
+    Whether the device is present is checked when it is used (:func:`resolve_device`).
+    """
     import torch
 
-    device = settings.device if device == "auto" else device
+    fix = "use 'auto' (a GPU when available), 'cpu', 'cuda', 'cuda:<index>' or 'mps'"
+    if not isinstance(device, str):
+        raise TypeError(f"`{name}` must be a string; {fix}. Got {device!r}.")
+    if device == "auto":
+        return device
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"Unknown `{name}` {device!r}; {fix}.") from err
+    if kind not in _DEVICE_TYPES:
+        raise ValueError(f"Unsupported `{name}` {device!r}; {fix}.")
+    return device
+
+
+def resolve_device(device: str = "auto") -> str:
+    """``"auto"`` -> ``"cuda"`` if available, else ``"mps"``, else ``"cpu"``; a named device must be present."""
+    import torch
+
+    device = check_device(settings.device if device == "auto" else device)
     if device != "auto":
+        kind = torch.device(device).type
+        present = {
+            "cpu": True,
+            "cuda": torch.cuda.is_available(),
+            "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        }[kind]
+        if not present:
+            raise ValueError(f"`device` {device!r} is not available on this machine; use 'auto' or 'cpu'.")
+        if kind == "cuda" and torch.device(device).index is not None:
+            if torch.device(device).index >= torch.cuda.device_count():
+                raise ValueError(
+                    f"`device` {device!r} names a GPU this machine does not have ({torch.cuda.device_count()} "
+                    "found); use 'cuda' or 'auto'."
+                )
         return device
     if torch.cuda.is_available():
         return "cuda"
