@@ -94,6 +94,21 @@ def test_registry_names_and_spellings():
         encoder_spec("unii")
 
 
+def test_full_architectures_have_the_published_size():
+    """Parameter counts of the full models (built on the meta device: no memory) as their model cards state them."""
+    import timm
+
+    from st_from_he.models._foundation import _resolve_layers
+
+    published_millions = {"uni": 303.4, "uni2-h": 681, "virchow2": 631.2, "h-optimus-0": 1100, "prov-gigapath": 1100}
+    for name, millions in published_millions.items():
+        spec = FOUNDATION_ENCODERS[name]
+        with torch.device("meta"):
+            model = timm.create_model(spec.architecture, num_classes=0, **_resolve_layers(spec.timm_kwargs))
+        count = sum(p.numel() for p in model.parameters()) / 1e6
+        assert count == pytest.approx(millions, rel=0.04 if millions >= 1000 else 0.002), name
+
+
 @pytest.mark.parametrize("name", VITS)
 def test_published_layout_loads_through_the_public_api(name, tmp_path):
     source = FoundationEncoder(name, weights="random", **_small(name)).eval()
