@@ -314,6 +314,15 @@ def test_attach_histology_argument_types(crop, full):
         sth.io.attach_histology(full, image, sample_id="C6", technology="st")
 
 
+def test_anndata_and_spatialdata_mixed_up(crop, full):
+    with pytest.raises(TypeError, match="got AnnData .*sth.pp.attach_histology"):
+        sth.io.concatenate([full, _adata(full)])
+    with pytest.raises(TypeError, match="`hest_dir` must be a folder path, got AnnData"):
+        sth.io.read_hest(_adata(full), "S1")
+    with pytest.raises(TypeError, match="`counts` must be a file path, got AnnData"):
+        sth.io.read_st(_adata(full), crop / "spots.tsv", crop / "he.jpg", sample_id="C6")
+
+
 def test_attach_histology_duplicate_names_refused(crop, full):
     adata = _adata(full)
     adata.obs_names = [adata.obs_names[0]] * 2 + list(adata.obs_names[2:])
@@ -377,3 +386,56 @@ def test_her2st_corrupted_file_named(her2st_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(_her2st, "_download", fake_download)
     assert _her2st.her2st_path(["C6"]) == folder and fetched == [["C6"]]
+
+
+# ---- HEST and Visium-like readers keep the barcode as identity ------------------------------------------------------
+
+
+@pytest.fixture
+def hest_folder(crop, full, tmp_path):
+    """A HEST-layout folder of the crop: barcodes as obs_names, array coordinates, metadata naming the patient."""
+    import json
+
+    import tifffile
+
+    for sub in ("st", "wsis", "metadata"):
+        (tmp_path / sub).mkdir()
+    table = full.tables["table"]
+    barcodes = [f"BC{i:03d}-1" for i in range(table.n_obs)]
+    adata = ad.AnnData(
+        X=table.X.astype(np.float32),  # HEST stores counts as floats
+        obs=pd.DataFrame(
+            {
+                "array_col": table.obs["array_col"].to_numpy(),
+                "array_row": table.obs["array_row"].to_numpy(),
+                "pxl_col_in_fullres": table.obsm["spatial"][:, 0],
+                "pxl_row_in_fullres": table.obsm["spatial"][:, 1],
+            },
+            index=barcodes,
+        ),
+        var=table.var.copy(),
+    )
+    adata.write_h5ad(tmp_path / "st" / "S1.h5ad")
+    with Image.open(crop / "he.jpg") as im:
+        tifffile.imwrite(tmp_path / "wsis" / "S1.tif", np.asarray(im.convert("RGB")))
+    metadata = {"st_technology": "Spatial Transcriptomics", "pixel_size_um_estimated": 0.69, "patient": "C"}
+    (tmp_path / "metadata" / "S1.json").write_text(json.dumps(metadata))
+    return tmp_path, barcodes
+
+
+def test_read_hest_identity_patient_and_checks(hest_folder):
+    folder, barcodes = hest_folder
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        sdata = sth.io.read_hest(folder, "S1")
+    table = sdata.tables["table"]
+    assert table.obs["spot_id"].tolist() == barcodes == sdata["S1_spots"].index.tolist()
+    assert table.obs_names.tolist() == [f"S1_{b}" for b in barcodes]
+    assert set(table.obs["patient"]) == {"C"}  # from the metadata
+    assert set(sth.io.read_hest(folder, "S1", patient_id={"S1": "P7"}).tables["table"].obs["patient"]) == {"P7"}
+    with pytest.warns(UserWarning, match=r"\(given as `pixel_size_um`\) is 4\.\d+x the"):
+        sth.io.read_hest(folder, "S1", pixel_size_um=0.69 * 4)
+    with pytest.raises(TypeError, match=r"`pixel_size_um\['S1'\]` must be a positive number, got str"):
+        sth.io.read_hest(folder, "S1", pixel_size_um={"S1": "0.69"})
+    with pytest.raises(TypeError, match="`patient_id` must be a non-empty string"):
+        sth.io.read_hest(folder, "S1", patient_id=7)

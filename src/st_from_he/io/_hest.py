@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -72,6 +73,8 @@ def read_hest(
     >>> sorted(sdata.images)  # doctest: +SKIP
     ['TENX95_image', 'TENX99_image']
     """
+    if not isinstance(hest_dir, str | os.PathLike):
+        raise TypeError(f"`hest_dir` must be a folder path, got {type(hest_dir).__name__}.")
     hest_dir = Path(hest_dir)
     if not hest_dir.is_dir():
         raise FileNotFoundError(f"HEST folder {str(hest_dir)!r} does not exist.")

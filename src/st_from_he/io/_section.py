@@ -201,7 +201,8 @@ def concatenate(sdatas, *, join: str = "inner"):
         raise ValueError("Nothing to concatenate: pass at least one SpatialData.")
     for s in sdatas:
         if not isinstance(s, SpatialData):
-            raise TypeError(f"Expected SpatialData objects, got {type(s).__name__}.")
+            hint = " (turn an AnnData into one with `sth.pp.attach_histology`)" if type(s).__name__ == "AnnData" else ""
+            raise TypeError(f"Expected SpatialData objects, got {type(s).__name__}{hint}.")
     if join not in ("inner", "outer"):
         raise ValueError(f"`join` must be 'inner' or 'outer', got {join!r}.")
     seen: list[str] = []
