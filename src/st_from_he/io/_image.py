@@ -14,8 +14,6 @@ from dask import delayed
 from st_from_he._logging import logger
 from st_from_he._sdata import image_key, micrometre_transform
 
-_PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
-_TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf"}
 # Coarser levels until the smallest side is about this many pixels: cheap overviews for plots and tissue masks.
 _SMALLEST_LEVEL_PX = 1024
 # Dask chunks over a tiled TIFF: whole tiles, about this many pixels a side.
@@ -24,50 +22,243 @@ _TIFF_CHUNK_PX = 1024
 _OME_UNITS_UM = {"µm": 1.0, "um": 1.0, "micron": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6, "Å": 1e-4}
 
 
-def _allow_large_images() -> None:
-    from PIL import Image
+# A plain (JPEG, PNG, BMP) image is decoded whole; above this many pixels it is refused unless the user raises
+# `sth.settings.max_image_pixels`. 10^9 px is 3 GB as RGB: her2st's scans (about 92 Mpx) and full-resolution Visium
+# JPEGs fit; a larger slide belongs in a tiled pyramidal TIFF, read tile by tile. PIL's own decompression-bomb check
+# stays on for the rest of the process: this module opens images through PIL's format plugins, which do not apply it,
+# and checks the declared size against this cap instead.
+DEFAULT_MAX_IMAGE_PIXELS = 1_000_000_000
+# A float image mostly in [0, 1] with a few values above 1 is ambiguous (overshoot, or a dark 0-255 image): it is read
+# as 0-255 only if at least this share of its values exceeds 1.
+_FLOAT_255_MIN_SHARE = 0.01
+_MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"BM", "BMP"))
+# Names only shape the message for a file that is none of these formats: the format is read from the content.
+_PLAIN_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+_TIFF_SUFFIXES = {".tif", ".tiff", ".svs", ".btf"}
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# JPEG markers without a length field (restart markers, TEM).
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}
 
-    Image.MAX_IMAGE_PIXELS = None  # H&E scans are legitimately huge; PIL's bomb check would refuse them
+
+def _max_image_pixels() -> int:
+    from st_from_he._settings import settings
+
+    return int(getattr(settings, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+
+
+def _sniff(path: Path) -> str:
+    """``"JPEG"``, ``"PNG"``, ``"BMP"`` or ``"TIFF"`` from the file's first bytes (its name may say otherwise)."""
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if not head:
+        raise ValueError(f"Image file {str(path)!r} is empty (0 bytes).")
+    if head[:4] in _TIFF_MAGIC:
+        return "TIFF"
+    for magic, fmt in _MAGIC:
+        if head.startswith(magic):
+            return fmt
+    suffix = path.suffix.lower()
+    if suffix in _TIFF_SUFFIXES:
+        raise ValueError(f"Could not read TIFF {str(path)!r}: it does not start with a TIFF header ({head[:8]!r}).")
+    if suffix in _PLAIN_SUFFIXES:
+        raise ValueError(
+            f"Could not read image {str(path)!r}: it is not a JPEG, PNG, BMP or TIFF file (it starts with "
+            f"{head[:8]!r}). Convert it to one of these formats."
+        )
+    raise ValueError(
+        f"Unsupported image format {suffix!r} of {str(path)!r} (it starts with {head[:8]!r}); use JPEG, PNG, BMP or "
+        "(OME-)TIFF."
+    )
+
+
+def _open_plain(path: str | Path, fmt: str):
+    """A PIL image of a JPEG/PNG/BMP, opened through its format plugin.
+
+    The plugin reads the header only, and does not apply PIL's decompression-bomb check, which ``Image.open`` does with
+    a process-wide limit: this module checks the declared size against :data:`DEFAULT_MAX_IMAGE_PIXELS` (or
+    ``sth.settings.max_image_pixels``) itself, so the user's own PIL limit stays as it is.
+    """
+    from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin
+
+    plugin = {
+        "JPEG": JpegImagePlugin.JpegImageFile,
+        "PNG": PngImagePlugin.PngImageFile,
+        "BMP": BmpImagePlugin.BmpImageFile,
+    }[fmt]
+    try:
+        return plugin(str(path))
+    except (SyntaxError, OSError, ValueError) as err:
+        raise ValueError(f"Could not read image {str(path)!r} ({fmt}): {err}") from err
 
 
 def _decode_plain(path: str, reduce: int = 1) -> np.ndarray:
-    """Decode a JPEG/PNG to ``(3, y, x)`` uint8, ``reduce`` times smaller on each side.
+    """Decode a JPEG/PNG/BMP to ``(3, y, x)`` uint8, ``reduce`` times smaller on each side.
 
-    A full-resolution JPEG is decoded by imagecodecs straight into memory mapped in bulk (see
+    An RGB JPEG at full resolution is decoded by imagecodecs straight into memory mapped in bulk (see
     :func:`~st_from_he._memory.empty_uint8`); reduced levels go through PIL, whose JPEG decoder scales in the DCT
-    domain (1/2, 1/4, 1/8) and so never builds the full-resolution image.
+    domain (1/2, 1/4, 1/8) and so never builds the full-resolution image. Other modes are converted to 8-bit RGB by
+    :func:`_rgb_pixels`. Any failure is raised naming the file.
     """
-    if reduce == 1:
-        try:
-            return _decode_jpeg_fast(path)
-        except Exception:  # noqa: BLE001 - not a JPEG, or a codec failure: PIL decodes it or gives the clear error
-            pass
+    from st_from_he._memory import check_fits
+
+    fmt = _sniff(Path(path))
+    width = height = 0
+    try:
+        with _open_plain(path, fmt) as im:
+            width, height = im.size
+            if reduce == 1 or fmt != "JPEG":  # only JPEG decodes straight to a reduced size
+                # decoded RGB plus the decoder's own buffer
+                check_fits(
+                    2 * 3 * width * height,
+                    f"Decoding image {path!r} ({width} x {height} px)",
+                    hint="Convert it to a tiled pyramidal TIFF, which is read tile by tile.",
+                )
+            # Checked again here, not only when read: the file may have changed since, and PIL reads a truncated
+            # file without error where ImageFile.LOAD_TRUNCATED_IMAGES is set (as some libraries do).
+            data = Path(path).read_bytes() if fmt == "JPEG" else None
+            if fmt == "JPEG":
+                _check_jpeg(path, data)
+            elif fmt == "PNG":
+                _check_png(path)
+            if reduce == 1 and fmt == "JPEG" and im.mode == "RGB":
+                return _decode_jpeg_fast(data)
+            return _decode_pil(im, path, fmt, reduce)
+    except MemoryError as err:
+        if str(path) in str(err):
+            raise
+        raise MemoryError(
+            f"Not enough memory to decode image {path!r} ({width} x {height} px, {3 * width * height / 1e9:.1f} GB "
+            f"as RGB): {err}. Convert it to a tiled pyramidal TIFF, which is read tile by tile."
+        ) from err
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"Could not decode image {path!r}: {err}") from err
+    except Exception as err:  # a codec's own error type: say which file failed
+        raise ValueError(f"Could not decode image {path!r}: {type(err).__name__}: {err}") from err
+
+
+def _decode_pil(im, path: str, fmt: str, reduce: int) -> np.ndarray:
     from PIL import Image
 
-    _allow_large_images()
-    with Image.open(path) as im:
-        target = (-(-im.width // reduce), -(-im.height // reduce))  # ceil, as the level shapes promise
-        if reduce > 1:
-            im.draft("RGB", target)
-        im = im if im.mode == "RGB" else im.convert("RGB")
-        if reduce > 1 and im.size != target:
-            im = im.reduce(max(1, round(im.width / target[0])))
-            if im.size != target:
-                im = im.resize(target)
-        return _channels_first(np.asarray(im))
+    target = (-(-im.width // reduce), -(-im.height // reduce))  # ceil, as the level shapes promise
+    if reduce > 1:
+        im.draft("RGB", target)
+    if im.mode != "RGB":
+        im = Image.fromarray(_rgb_pixels(im, path, fmt))
+    if reduce > 1 and im.size != target:
+        im = im.reduce(max(1, round(im.width / target[0])))
+        if im.size != target:
+            im = im.resize(target)
+    return _channels_first(np.asarray(im))
 
 
-def _decode_jpeg_fast(path: str) -> np.ndarray:
+def _rgb_pixels(im, path: str, fmt: str) -> np.ndarray:
+    """``(y, x, 3)`` uint8 RGB of a PIL image in any mode, or a clear error.
+
+    Grey repeats to three channels; palette, CMYK and YCbCr convert through PIL; alpha is composited over white
+    (a slide's transparent background is background, not black); 16-bit images are scaled by 1/257 (65535 -> 255);
+    32-bit integer and float images follow :func:`to_uint8`.
+    """
+    mode = im.mode
+    if fmt == "PNG" and (mode.startswith("I") or _png_bit_depth(path) == 16):
+        import imagecodecs
+
+        # PIL reads 16-bit RGB(A) PNGs at 8 bits by truncation, and 16-bit grey as "I;16": decode the 16 bits.
+        return _rgb_from_channels(to_uint8(imagecodecs.png_decode(Path(path).read_bytes()), path, sixteen_bit=True))
+    if mode in ("RGB", "L"):
+        return _rgb_from_channels(np.asarray(im))
+    if mode == "1":
+        return _rgb_from_channels(np.asarray(im.convert("L")))
+    if mode in ("P", "PA", "LA", "La", "RGBA", "RGBa", "RGBX"):
+        return _rgb_from_channels(np.asarray(im.convert("RGBA")))
+    if mode in ("CMYK", "YCbCr"):
+        return np.asarray(im.convert("RGB"))
+    if mode.startswith("I;16"):
+        return _rgb_from_channels(to_uint8(np.asarray(im), path, sixteen_bit=True))
+    if mode in ("I", "F"):
+        return _rgb_from_channels(to_uint8(np.asarray(im), path))
+    raise ValueError(f"Image {path!r} has PIL mode {mode!r}, which is not an RGB or grey image; convert it to RGB.")
+
+
+def _rgb_from_channels(pixels: np.ndarray) -> np.ndarray:
+    """``(y, x)``, ``(y, x, 1 | 2 | 3 | 4)`` uint8 -> ``(y, x, 3)``: grey repeated, alpha composited over white."""
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    channels = pixels.shape[-1]
+    if channels in (2, 4):
+        colour, alpha = pixels[..., :-1].astype(np.uint32), pixels[..., -1:].astype(np.uint32)
+        pixels = ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+    if pixels.shape[-1] == 1:
+        pixels = np.repeat(pixels, 3, axis=-1)
+    return np.ascontiguousarray(pixels)
+
+
+def to_uint8(image: np.ndarray, what: str, *, sixteen_bit: bool = False) -> np.ndarray:
+    """Pixel values as uint8 0-255 by one documented rule, or a clear error naming ``what``.
+
+    - uint8: as is.
+    - 16-bit (a file that declares 16 bits, ``sixteen_bit=True``, or a uint16 array with values above 255):
+      divided by 257 and rounded (65535 -> 255).
+    - Other integers: values must lie in 0-255.
+    - Floats: must be finite and non-negative. Within [0, 1]: multiplied by 255 and rounded. Above 1 and at most 255:
+      read as 0-255 only if at least 1% of the values exceed 1 (a float copy of an 8-bit image); a [0, 1] image with a
+      few values above 1 (interpolation overshoot) is refused rather than read as a nearly black 0-255 image.
+    """
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        return image
+    if image.dtype == bool or not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise ValueError(f"Image {what}: expected numeric pixel values, got dtype {image.dtype}.")
+    if image.size == 0:
+        raise ValueError(f"Image {what} is empty (shape {image.shape}).")
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.all(np.isfinite(image)):
+            raise ValueError(f"Image {what} contains NaN or infinite values.")
+        low, high = float(image.min()), float(image.max())
+        if low < 0:
+            raise ValueError(f"Image {what} has negative values (min {low:g}); expected [0, 1] or 0-255.")
+        if high <= 1.0:
+            return np.rint(image * 255.0).astype(np.uint8)
+        share = float(np.mean(image > 1.0))
+        if high <= 255.0 and share >= _FLOAT_255_MIN_SHARE:
+            return np.rint(image).astype(np.uint8)
+        if high <= 255.0:
+            raise ValueError(
+                f"Image {what} is a float image mostly in [0, 1], but {int(np.sum(image > 1.0)):,} of its "
+                f"{image.size:,} values exceed 1 (max {high:g}): it is ambiguous whether it is scaled to [0, 1] or "
+                "0-255 (read as 0-255 only if at least 1% of values exceed 1). Clip it to [0, 1] "
+                "(np.clip(image, 0, 1)) or give 0-255 values."
+            )
+        raise ValueError(f"Image {what} is a float image with values up to {high:g}; expected [0, 1] or 0-255.")
+    low, high = int(image.min()), int(image.max())
+    if low < 0:
+        raise ValueError(f"Image {what} has negative values (min {low}); expected 0-255 (8-bit) or 0-65535 (16-bit).")
+    if image.dtype.itemsize == 2 and image.dtype.kind == "u" and (sixteen_bit or high > 255):
+        if high < 4096:
+            logger.warning(
+                "Image %s is 16-bit with values only up to %d (12-bit data?); it is scaled as 16-bit (65535 -> 255) "
+                "and will look dark.",
+                what,
+                high,
+            )
+        return ((image.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if high > 255:
+        raise ValueError(
+            f"Image {what} has dtype {image.dtype} with values up to {high}; expected 8-bit (0-255) or 16-bit "
+            "(uint16) pixel values."
+        )
+    return image.astype(np.uint8)
+
+
+def _decode_jpeg_fast(data: bytes) -> np.ndarray:
     import imagecodecs
 
     from st_from_he._memory import empty_uint8
 
-    data = Path(path).read_bytes()
-    if not imagecodecs.jpeg8_check(data):
-        raise ValueError("not a JPEG")
     pixels = imagecodecs.jpeg8_decode(data)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ValueError("not an RGB JPEG")
+        raise ValueError(f"expected an RGB JPEG, got decoded shape {pixels.shape}")
     out = empty_uint8((3, *pixels.shape[:2]))
     np.copyto(out, np.moveaxis(pixels, -1, 0))
     return out
@@ -79,20 +270,171 @@ def _channels_first(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(pixels[..., :3], -1, 0))
 
 
-def _plain_levels(path: Path) -> list[da.Array]:
-    """Lazy pyramid over a JPEG/PNG: level ``i`` is decoded ``2**i`` times smaller, straight from the file.
+# ----------------------------------------------------------------------------------------------------------------------
+# Checks at read time: a damaged file fails when it is read, naming it, not later as a grey or garbled image
+
+
+def _check_jpeg(path: str | Path, data: bytes) -> None:
+    """Walk the JPEG's segments and scans to its end-of-image marker: a truncated or damaged file raises.
+
+    libjpeg (through imagecodecs and PIL alike) decodes a truncated JPEG without error, filling the missing part with
+    grey. The walk finds truncation and broken segment structure; damaged entropy-coded data inside a scan is found by
+    :func:`_check_jpeg_scans`.
+    """
+    n = len(data)
+    arr = np.frombuffer(data, dtype=np.uint8)
+    follows = arr[1:]
+    ff = np.flatnonzero(arr[:-1] == 0xFF)
+    nxt = follows[ff]
+    # Inside a scan, 0xFF is followed by 0x00 (stuffing), a restart marker or more 0xFF fill: anything else ends it.
+    scan_ends = ff[(nxt != 0x00) & (nxt != 0xFF) & ((nxt < 0xD0) | (nxt > 0xD7))]
+    pos, frame, scans = 2, False, 0
+
+    def fail(reason: str):
+        raise ValueError(
+            f"JPEG file {str(path)!r} is damaged: {reason}. Its pixels cannot be read reliably; use an intact copy."
+        )
+
+    while True:
+        if pos + 2 > n:
+            fail(f"it ends after {n} bytes without the end-of-image marker (truncated file?)")
+        if data[pos] != 0xFF:
+            fail(f"expected a marker at byte {pos}, found 0x{data[pos]:02x}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:
+            break
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        if pos + 4 > n:
+            fail(f"it ends inside a segment header at byte {pos} (truncated file?)")
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if end > n or end < pos + 4:
+            fail(f"segment 0xFF{marker:02X} at byte {pos} runs past the end of the file (truncated file?)")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            frame = True
+        if marker == 0xDA:
+            scans += 1
+            i = np.searchsorted(scan_ends, end)
+            if i == len(scan_ends):
+                fail(
+                    f"scan {scans} (from byte {end}) runs to the end of the file without end-of-image (truncated file?)"
+                )
+            pos = int(scan_ends[i])
+            continue
+        pos = end
+    if not frame or not scans:
+        fail("it holds no image data (no frame header or scan)")
+
+
+def _check_jpeg_scans(path: Path, data: bytes) -> None:
+    """Decode at 1/8 scale with libjpeg's warnings as errors (``simplejpeg``, where installed): damaged scan data raises.
+
+    Decoding at 1/8 scale still reads every coefficient, at a small part of a full decode's cost.
+    """
+    try:
+        import simplejpeg
+    except ImportError:  # optional: the segment walk above still finds truncation
+        return
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True, min_height=1, min_width=1)
+    except ValueError as err:
+        if "Unsupported color conversion" in str(err) or "colorspace" in str(err).lower():
+            return  # CMYK and similar: not this check's business, PIL converts them
+        raise ValueError(
+            f"JPEG file {str(path)!r} is damaged: {err}. Its pixels cannot be read reliably; use an intact copy."
+        ) from err
+
+
+def _check_png(path: Path) -> None:
+    """Walk the PNG's chunks, checking each CRC, to ``IEND``: a truncated or damaged file raises."""
+    import zlib
+
+    def fail(reason: str):
+        raise ValueError(
+            f"PNG file {str(path)!r} is damaged: {reason}. Its pixels cannot be read reliably; use an intact copy."
+        )
+
+    with open(path, "rb") as f:
+        f.seek(8)
+        while True:
+            start = f.tell()
+            head = f.read(8)
+            if len(head) < 8:
+                fail(f"it ends at byte {start} without the IEND chunk (truncated file?)")
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            body = f.read(length)
+            crc = f.read(4)
+            if len(body) < length or len(crc) < 4:
+                fail(f"chunk {kind!r} at byte {start} runs past the end of the file (truncated file?)")
+            if zlib.crc32(kind + body) != int.from_bytes(crc, "big"):
+                fail(f"chunk {kind!r} at byte {start} fails its checksum")
+            if kind == b"IEND":
+                return
+
+
+def _png_bit_depth(path: str | Path) -> int:
+    with open(path, "rb") as f:
+        head = f.read(25)
+    return head[24] if len(head) == 25 and head[12:16] == b"IHDR" else 8
+
+
+def _check_bmp(path: Path, im) -> None:
+    """An uncompressed BMP must hold all the rows its header declares."""
+    data = Path(path).read_bytes()[:64]
+    offset = int.from_bytes(data[10:14], "little")
+    bits = int.from_bytes(data[28:30], "little") if len(data) >= 30 else 0
+    compression = int.from_bytes(data[30:34], "little") if len(data) >= 34 else 0
+    if compression in (0, 3) and bits:
+        needed = offset + ((bits * im.width + 31) // 32) * 4 * im.height
+        size = os.path.getsize(path)
+        if size < needed:
+            raise ValueError(
+                f"BMP file {str(path)!r} is damaged: it holds {size} bytes but its header declares {needed} (truncated "
+                "file?). Use an intact copy."
+            )
+
+
+def _check_plain_size(path: Path, width: int, height: int) -> None:
+    cap = _max_image_pixels()
+    if width * height > cap:
+        raise ValueError(
+            f"Image {str(path)!r} declares {width} x {height} = {width * height:,} pixels ({3 * width * height / 1e9:.1f}"
+            f" GB as RGB), more than the {cap:,} pixels a JPEG/PNG/BMP may have: such a file is decoded whole. Convert "
+            "it to a tiled pyramidal TIFF (read tile by tile, e.g. `vips tiffsave in.jpg out.tif --tile --pyramid`), "
+            f"or, with enough memory, raise the cap: `sth.settings.max_image_pixels = {width * height}`."
+        )
+
+
+def _plain_levels(path: Path, fmt: str) -> list[da.Array]:
+    """Lazy pyramid over a JPEG/PNG/BMP: level ``i`` is decoded ``2**i`` times smaller, straight from the file.
 
     The header gives the shapes; each level is one chunk, decoded when computed (plots and tissue masks decode only
-    a small level).
+    a small level). The file is checked now, so that a damaged, truncated or oversized one fails here, not at its
+    first decode.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    _allow_large_images()
-    try:
-        with Image.open(path) as im:
-            width, height = im.size
-    except (UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"Could not read image {str(path)!r}: {err}") from err
+    with _open_plain(path, fmt) as im:
+        width, height = im.size
+        _check_plain_size(path, width, height)
+        if fmt == "JPEG":
+            data = Path(path).read_bytes()
+            _check_jpeg(path, data)
+            _check_jpeg_scans(path, data)
+        elif fmt == "PNG":
+            _check_png(path)
+        else:
+            _check_bmp(path, im)
+        orientation = im.getexif().get(0x0112, 1)
+    if orientation not in (1, None):
+        logger.warning(
+            "%s: its EXIF orientation %s is ignored: pixels are read as stored, so spot coordinates must refer to the "
+            "stored (unrotated) pixels. If they were placed on the rotated view, save the image rotated.",
+            path,
+            orientation,
+        )
     levels = [da.from_delayed(delayed(_decode_plain)(str(path)), shape=(3, height, width), dtype=np.uint8)]
     for i in range(1, len(_scale_factors(height, width)) + 1):
         reduce = 2**i
@@ -157,7 +499,9 @@ def _tiff_levels(path: Path) -> tuple[list[da.Array], float | None]:
         dtype = series.dtype
         keyframe = series.keyframe
         tile = (keyframe.tilelength, keyframe.tilewidth) if keyframe.is_tiled else (0, 0)
+        photometric = int(keyframe.photometric)
         pixel_size = _tiff_pixel_size(tif, series)
+    _check_tiff_pixels(path, dtype, photometric)
     if "Y" not in axes or "X" not in axes:
         raise ValueError(f"TIFF {str(path)!r} has axes {axes!r}; expected an image with Y and X axes.")
     channel_axis = next((axes.index(a) for a in "SC" if a in axes), None)
@@ -191,8 +535,39 @@ def _tiff_levels(path: Path) -> tuple[list[da.Array], float | None]:
         if channel_axis is None:
             level, kept = level[None], ["C", *kept]
         level = level.transpose([kept.index(a) for a in "CYX"])
-        levels.append(level)
+        if level.shape[0] not in (1, 3, 4) or (level.shape[0] == 4 and photometric != 2):
+            raise ValueError(
+                f"TIFF {str(path)!r} has {level.shape[0]} channels (photometric {photometric}); expected grey, RGB or "
+                "RGBA. Convert it to an RGB TIFF."
+            )
+        levels.append(_tiff_as_uint8(level, photometric))
     return levels, pixel_size
+
+
+def _check_tiff_pixels(path: Path, dtype, photometric: int) -> None:
+    """Refuse TIFF pixel types that have no one right reading as 8-bit RGB."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.uint8, np.uint16):
+        raise ValueError(
+            f"TIFF {str(path)!r} holds {dtype} pixels; expected 8-bit (or 16-bit) RGB. Float and 32-bit images have no "
+            "fixed range to read as colours: convert it to 8-bit RGB."
+        )
+    if photometric not in (0, 1, 2, 6):  # MINISWHITE, MINISBLACK, RGB, YCbCr (decoded to RGB)
+        raise ValueError(
+            f"TIFF {str(path)!r} has photometric interpretation {photometric} (palette, CMYK, Lab, ...); expected "
+            "RGB or grey. Convert it to an RGB TIFF."
+        )
+
+
+def _tiff_as_uint8(level: da.Array, photometric: int) -> da.Array:
+    """Lazily: 16-bit -> 8-bit (65535 -> 255, rounded), and MINISWHITE grey inverted (0 is white there)."""
+    if level.dtype == np.uint16:
+        if photometric == 0:
+            level = 65535 - level
+        return ((level.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    if photometric == 0:
+        level = 255 - level
+    return level
 
 
 def _tiff_pixel_size(tif, series=None) -> float | None:
@@ -249,43 +624,37 @@ def read_image_levels(path: str | Path) -> tuple[list[da.Array], float | None]:
     Parameters
     ----------
     path
-        JPEG, PNG or (pyramidal, OME-)TIFF file.
+        JPEG, PNG, BMP or (pyramidal, OME-)TIFF file; the format is recognised from the content, not the name.
 
     Returns
     -------
     The pyramid levels as ``(c, y, x)`` dask arrays, finest first, and the micrometres per pixel of the finest level if
     the file records it (OME ``PhysicalSizeX``, Aperio ``MPP``, TIFF resolution tags), else ``None``.
     """
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(f"Image path {str(path)!r} is a folder; give the image file inside it.")
     if not path.is_file():
         raise FileNotFoundError(f"Image file {str(path)!r} does not exist.")
-    suffix = path.suffix.lower()
-    if suffix in _PLAIN_SUFFIXES:
-        return _plain_levels(path), None
-    if suffix in _TIFF_SUFFIXES:
+    fmt = _sniff(path)
+    if fmt == "TIFF":
         return _tiff_levels(path)
-    raise ValueError(f"Unsupported image format {suffix!r} of {str(path)!r}; use JPEG, PNG or (OME-)TIFF.")
+    return _plain_levels(path, fmt), None
 
 
-def array_levels(image: np.ndarray) -> list[da.Array]:
+def array_levels(image: np.ndarray, what: str | None = None) -> list[da.Array]:
     """An in-memory ``(y, x)``, ``(y, x, 3)`` or ``(y, x, 4)`` image as one ``(c, y, x)`` uint8 dask level.
 
-    Float images are taken to lie in ``[0, 1]`` (as scanpy stores Visium thumbnails) and scaled to 0-255.
+    Values follow :func:`to_uint8` (floats in ``[0, 1]``, as scanpy stores Visium thumbnails, are scaled to 0-255);
+    ``what`` names the image in errors (e.g. ``"uns['spatial']['V1']['images']['hires']"``).
     """
     image = np.asarray(image)
+    what = what or f"array of shape {image.shape}"
     if image.ndim == 2:
         image = image[..., None]
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"Expected an image array of shape (y, x, 3) (RGB), got shape {image.shape}.")
-    if np.issubdtype(image.dtype, np.floating):
-        if not np.all(np.isfinite(image)):
-            raise ValueError("The image array contains NaN or infinite values.")
-        top = 1.0 if image.max() <= 1.0 else 255.0
-        image = np.clip(np.rint(image / top * 255), 0, 255).astype(np.uint8)
-    elif image.dtype != np.uint8:
-        if image.min() < 0 or image.max() > 255:
-            raise ValueError(f"Expected an 8-bit RGB image, got dtype {image.dtype} with values beyond 0-255.")
-        image = image.astype(np.uint8)
+    image = to_uint8(image, what)
     return [da.from_array(np.ascontiguousarray(np.moveaxis(image, -1, 0)), chunks=(-1, 2048, 2048))]
 
 
@@ -297,10 +666,18 @@ def _scale_factors(height: int, width: int) -> list[int]:
     return factors
 
 
+def _over_white(block: np.ndarray) -> np.ndarray:
+    """``(4, y, x)`` RGBA uint8 -> RGB composited over white (opaque pixels unchanged)."""
+    colour, alpha = block[:3].astype(np.uint32), block[3:].astype(np.uint32)
+    return ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
 def _as_rgb(levels: list[da.Array]) -> list[da.Array]:
     channels = levels[0].shape[0]
-    if channels == 4:  # RGBA -> RGB
-        return [lvl[:3] for lvl in levels]
+    if channels == 4:  # RGBA: a transparent background is background, so composite over white
+        return [
+            lvl.rechunk({0: -1}).map_blocks(_over_white, chunks=(3, *lvl.chunks[1:]), dtype=np.uint8) for lvl in levels
+        ]
     if channels == 1:
         return [da.concatenate([lvl] * 3, axis=0) for lvl in levels]
     if channels != 3:
@@ -421,5 +798,15 @@ def read_image(path: str | Path, *, sample_id: str, pixel_size_um: float | None 
 
 
 def _check_sample_id(sample_id) -> None:
+    """A sample id names elements and a coordinate system: letters, digits, ``_``, ``-`` and ``.`` only."""
     if not isinstance(sample_id, str) or not sample_id:
-        raise TypeError(f"`sample_id` must be a non-empty string, got {sample_id!r}.")
+        raise TypeError(f"`sample_id` must be a non-empty string, got {type(sample_id).__name__} {sample_id!r}.")
+    bad = sorted({c for c in sample_id if not (c.isalnum() or c in "_-.")})
+    if bad or sample_id[0] in ".-" or sample_id.startswith("__"):
+        why = f"it contains {bad}" if bad else "it starts with '.', '-' or '__'"
+        suggestion = re.sub(r"[^0-9A-Za-z_.-]+", "_", sample_id).lstrip("._-") or "S1"
+        raise ValueError(
+            f"`sample_id` {sample_id!r} is not allowed ({why}): it names the section's elements and coordinate "
+            "system, so it may hold only letters, digits, '_', '-' and '.', and may not start with '.', '-' or '__' "
+            f"(e.g. {suggestion!r})."
+        )
