@@ -347,7 +347,7 @@ def test_attach_histology_identity_patient_and_resolution(crop, full):
         sth.io.attach_histology(adata, str(crop / "he.jpg"), sample_id="C6", technology="st")
 
 
-# ---- 6. her2st: missing and corrupted files are named -----------------------------------------------------------------
+# ---- 6. her2st: missing and corrupted files are named ----------------------------------------------------------------
 
 
 def _her2st_copy(her2st_dir, tmp_path):

@@ -99,7 +99,7 @@ def check_number(value, name: str, *, allow_none: bool = True) -> float | None:
 
 
 def check_id(value, name: str, *, allow_none: bool = False) -> str | None:
-    """``value`` if it is a non-empty string (``None`` too where allowed); a clear TypeError naming ``name`` otherwise."""
+    """``value`` if it is a non-empty string (or ``None`` where allowed); else a TypeError naming ``name``."""
     if value is None and allow_none:
         return None
     if not isinstance(value, str) or not value:

@@ -295,9 +295,10 @@ def her2st(sections: Sequence[str] | None = None, *, path: str | Path | None = N
     Returns
     -------
     One :class:`~spatialdata.SpatialData` holding every section (see :func:`st_from_he.io.read_st`), its table
-    restricted to the genes measured in all of them. ``obs["patient"]`` is the section's letter (``"C"`` for C6). The expression cluster of the paper, where available, is in
-    ``obs["expression_cluster"]`` with its annotation in ``obs["expression_cluster_label"]`` (clusters were derived
-    from expression, so they are only a weak stand-in for tissue labels).
+    restricted to the genes measured in all of them. ``obs["patient"]`` is the section's letter (``"C"`` for C6).
+    The expression cluster of the paper, where available, is in ``obs["expression_cluster"]`` with its annotation
+    in ``obs["expression_cluster_label"]`` (clusters were derived from expression, so they are only a weak stand-in
+    for tissue labels).
 
     Examples
     --------

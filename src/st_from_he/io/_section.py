@@ -148,8 +148,8 @@ def _instance_ids(ids, n: int, sample: str) -> np.ndarray:
         raise ValueError(f"Sample {sample!r}: {len(ids)} spot ids for {n} spots.")
     if ids.has_duplicates:
         raise ValueError(
-            f"Sample {sample!r}: spot ids repeat ({list(ids[ids.duplicated()].unique()[:5])}); every spot needs its own "
-            f"id, so that predictions and measurements are matched by spot and never by row position."
+            f"Sample {sample!r}: spot ids repeat ({list(ids[ids.duplicated()].unique()[:5])}); every spot needs its "
+            f"own id, so that predictions and measurements are matched by spot and never by row position."
         )
     return np.asarray(ids, dtype=object)
 

@@ -204,8 +204,8 @@ def _read_count_file(path: str | Path) -> pd.DataFrame:
         column = counts[text[0]]
         example = column[pd.to_numeric(column, errors="coerce").isna() & column.notna()]
         raise ValueError(
-            f"The counts file {str(path)!r} holds text in gene column(s) {text[:5]} (e.g. {example.iloc[:1].to_dict()}); "
-            f"raw counts must be numbers."
+            f"The counts file {str(path)!r} holds text in gene column(s) {text[:5]} "
+            f"(e.g. {example.iloc[:1].to_dict()}); raw counts must be numbers."
         )
     check_raw_counts(counts.to_numpy(), where=f"Counts file {str(path)!r}", genes=counts.columns, spots=counts.index)
     # pandas renames a repeated column 'GENE' to 'GENE.1' without a word; take the header as written and say so

@@ -117,8 +117,8 @@ def read_visium(
         hires_key = f"{sample_id}_hires_image"
         if hires_key not in raw.images:
             raise FileNotFoundError(
-                f"No image for sample {sample_id!r}: {str(path / 'spatial/tissue_hires_image.png')!r} is missing and no "
-                f"`fullres_image=` was given."
+                f"No image for sample {sample_id!r}: {str(path / 'spatial/tissue_hires_image.png')!r} is missing and "
+                f"no `fullres_image=` was given."
             )
         levels, file_pixel_size = [raw.images[hires_key].data], None
         scale, what = float(scalefactors["tissue_hires_scalef"]), "hires image"
