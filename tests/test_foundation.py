@@ -94,6 +94,14 @@ def test_registry_names_and_spellings():
         encoder_spec("unii")
 
 
+@pytest.mark.parametrize(("name", "dim"), [("resnet18", 512), ("vit_tiny_patch16_224", 192), ("sth_tinycnn", 192)])
+def test_other_timm_models_embed_at_their_pretrained_cfg(name, dim):
+    encoder = FoundationEncoder(name).eval()  # random weights: no published file for these
+    assert (encoder.img_size, encoder.num_features, encoder.weights) == (224, dim, "random")
+    patches = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8)  # resampled to 224 px
+    assert encoder.embed(patches).shape == (2, dim)
+
+
 def test_full_architectures_have_the_published_size():
     """Parameter counts of the full models (built on the meta device: no memory) as their model cards state them."""
     import timm

@@ -582,12 +582,11 @@ class FoundationEncoder(nn.Module):
         self.img_size = int(img_size or spec.img_size)
         self.mean = tuple(spec.mean)
         self.std = tuple(spec.std)
-        with torch.no_grad():  # the embedding size, from one tiny forward pass (pooling may concatenate)
-            probe = torch.zeros(1, 3, self.img_size, self.img_size)
-            was_training = self.training
-            self.eval()
-            self.num_features = int(self(probe).shape[-1])
-            self.train(was_training)
+        model = self.backbone.model
+        if spec.pooling == "timm":  # what timm's head returns without its classifier
+            self.num_features = int(getattr(model, "head_hidden_size", None) or model.num_features)
+        else:
+            self.num_features = int(self.backbone.num_features) * (2 if spec.pooling == "cls+mean" else 1)
 
     def _weights_source(self, weights) -> str | Path | None:
         if weights is None and self.spec.name in FOUNDATION_ENCODERS:
