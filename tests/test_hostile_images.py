@@ -311,6 +311,30 @@ def test_grey_palette_cmyk_and_alpha_images(tmp_path, crop):
     np.testing.assert_array_equal(np.moveaxis(element["scale0"]["image"].values, 0, -1), pixels)
 
 
+@pytest.mark.parametrize("compression", [None, "zlib", "jpeg"])
+def test_truncated_or_damaged_tiff(tmp_path, crop, compression):
+    path = tmp_path / "slide.tif"
+    tifffile.imwrite(path, crop, photometric="rgb", tile=(128, 128), compression=compression)
+    if compression != "jpeg":  # lossless: the intact file reads back exactly
+        np.testing.assert_array_equal(_decoded(path), crop)
+    data = path.read_bytes()
+    cut = tmp_path / "cut.tif"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.tif.*damaged.*truncated"):
+        sth.io.read_image(cut, sample_id="S", pixel_size_um=0.5)
+    # Damage inside a tile surfaces when the tile is decoded, naming the file.
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    damaged = tmp_path / "damaged.tif"
+    damaged.write_bytes(data[:offset] + bytes(count) + data[offset + count :])
+    levels, _ = _image.read_image_levels(damaged)
+    if compression is None:  # raw bytes: zeros are valid (black) pixels
+        assert (levels[0][:, :128, :128].compute() == 0).all()
+    else:
+        with pytest.raises(ValueError, match=r"Could not decode TIFF .*damaged\.tif"):
+            levels[0][:, :128, :128].compute()
+
+
 def test_unreadable_tiff_pixels_are_refused(tmp_path, crop):
     two = tmp_path / "two.tif"
     tifffile.imwrite(two, np.moveaxis(crop[..., :2], -1, 0), photometric="minisblack", planarconfig="separate")

@@ -467,7 +467,10 @@ class _TiffLevel:
         return self._array
 
     def __getitem__(self, key):
-        return self._open()[key]
+        try:
+            return self._open()[key]
+        except Exception as err:  # tifffile's and the codecs' own error types: say which file failed
+            raise ValueError(f"Could not decode TIFF {self.path!r}: {type(err).__name__}: {err}") from err
 
     def __getstate__(self):
         return {"path": self.path, "level": self.level, "shape": self.shape, "dtype": self.dtype}
@@ -501,6 +504,7 @@ def _tiff_levels(path: Path) -> tuple[list[da.Array], float | None]:
         tile = (keyframe.tilelength, keyframe.tilewidth) if keyframe.is_tiled else (0, 0)
         photometric = int(keyframe.photometric)
         pixel_size = _tiff_pixel_size(tif, series)
+        _check_tiff_extent(path, series)
     _check_tiff_pixels(path, dtype, photometric)
     if "Y" not in axes or "X" not in axes:
         raise ValueError(f"TIFF {str(path)!r} has axes {axes!r}; expected an image with Y and X axes.")
@@ -542,6 +546,21 @@ def _tiff_levels(path: Path) -> tuple[list[da.Array], float | None]:
             )
         levels.append(_tiff_as_uint8(level, photometric))
     return levels, pixel_size
+
+
+def _check_tiff_extent(path: Path, series) -> None:
+    """Every tile or strip of every level must lie inside the file: a truncated TIFF fails when read."""
+    size = os.path.getsize(path)
+    for i, level in enumerate(series.levels):
+        for page in level.pages:
+            if page is None or not len(page.dataoffsets):
+                continue
+            ends = np.asarray(page.dataoffsets, dtype=np.int64) + np.asarray(page.databytecounts, dtype=np.int64)
+            if int(ends.max()) > size:
+                raise ValueError(
+                    f"TIFF {str(path)!r} is damaged: level {i} has image data up to byte {int(ends.max())}, but the "
+                    f"file holds {size} bytes (truncated file?). Use an intact copy."
+                )
 
 
 def _check_tiff_pixels(path: Path, dtype, photometric: int) -> None:
