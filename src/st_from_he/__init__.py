@@ -16,12 +16,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-_SUBPACKAGES = ("datasets", "io", "pl", "pp", "tl")
+_SUBPACKAGES = ("datasets", "io", "models", "pl", "pp", "tl")
 
 __all__ = [*_SUBPACKAGES, "settings", "__version__"]
 
 if TYPE_CHECKING:
-    from . import datasets, io, pl, pp, tl
+    from . import datasets, io, models, pl, pp, tl
 
 
 def __getattr__(name: str):

@@ -7,6 +7,15 @@ from ._augment import BatchAugment, lower_resolution
 from ._config import ModelConfig
 from ._context import MultiScaleFusion, NeighbourAttention
 from ._encoders import ImageEncoder, TinyCNN, load_encoder_weights
+from ._foundation import (
+    FOUNDATION_ENCODERS,
+    EncoderSpec,
+    FoundationEncoder,
+    efficientnet_lite_to_timm,
+    encoder_spec,
+    load_pretrained,
+    weights_file,
+)
 from ._fusion import MaskedCrossModalFusion
 from ._heads import GeneEncoder, ProjectionHead, RegressionHead, SNNGeneTokens
 from ._losses import combine_losses, reconstruction_loss, soft_contrastive_loss
@@ -14,6 +23,13 @@ from ._module import ExpressionModule
 from ._retrieval import retrieve
 
 __all__ = [
+    "FOUNDATION_ENCODERS",
+    "EncoderSpec",
+    "FoundationEncoder",
+    "efficientnet_lite_to_timm",
+    "encoder_spec",
+    "load_pretrained",
+    "weights_file",
     "BatchAugment",
     "ExpressionModule",
     "GeneEncoder",

@@ -1,6 +1,7 @@
 """Tools: train, apply and evaluate image-to-expression models."""
 
 from ._cross_validate import cross_validate, few_shot
+from ._embed import embed
 from ._evaluate import evaluate
 from ._gene_correlation import gene_correlation
 from ._gene_sets import BREAST_MARKERS, TUMOR_MARKERS, gene_set
@@ -13,6 +14,7 @@ __all__ = [
     "TUMOR_MARKERS",
     "ExpressionModel",
     "cross_validate",
+    "embed",
     "evaluate",
     "evaluate_localization",
     "few_shot",

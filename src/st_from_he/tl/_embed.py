@@ -93,7 +93,7 @@ def embed(
     from tqdm.auto import tqdm
 
     from st_from_he import __version__
-    from st_from_he.models._foundation import FoundationEncoder, encoder_spec
+    from st_from_he.models import FoundationEncoder, encoder_spec
     from st_from_he.pp import extract_patches
 
     from ._training import resolve_device, set_threads
