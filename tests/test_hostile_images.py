@@ -309,6 +309,18 @@ def test_grey_palette_cmyk_and_alpha_images(tmp_path, crop):
     tifffile.imwrite(rgba_tif, np.dstack([crop, alpha]), photometric="rgb", extrasamples=["unassalpha"])
     element = _image.image_element(_image.read_image_levels(rgba_tif)[0], 0.5, "S")
     np.testing.assert_array_equal(np.moveaxis(element["scale0"]["image"].values, 0, -1), pixels)
+    # A fourth TIFF sample that its ExtraSamples tag does not call alpha is dropped, not composited.
+    extra_tif = tmp_path / "extra.tif"
+    tifffile.imwrite(extra_tif, np.dstack([crop, alpha]), photometric="rgb", extrasamples=["unspecified"])
+    np.testing.assert_array_equal(_decoded(extra_tif), crop)
+    premultiplied = tmp_path / "premultiplied.tif"
+    tifffile.imwrite(
+        premultiplied,
+        np.dstack([crop * (alpha[..., None] // 255), alpha]),
+        photometric="rgb",
+        extrasamples=["assocalpha"],
+    )
+    np.testing.assert_array_equal(_decoded(premultiplied), pixels)
 
 
 @pytest.mark.parametrize("compression", [None, "zlib", "jpeg"])

@@ -40,10 +40,16 @@ _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}
 
 
-def _max_image_pixels() -> int:
+def _max_image_pixels() -> float:
+    """``sth.settings.max_image_pixels`` (``None``: no cap), else :data:`DEFAULT_MAX_IMAGE_PIXELS`."""
     from st_from_he._settings import settings
 
-    return int(getattr(settings, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS))
+    cap = getattr(settings, "max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
+    if cap is None:
+        return float("inf")
+    if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not cap > 0:
+        raise ValueError(f"`sth.settings.max_image_pixels` must be a positive number of pixels or None, got {cap!r}.")
+    return cap
 
 
 def _sniff(path: Path) -> str:
@@ -88,7 +94,9 @@ def _open_plain(path: str | Path, fmt: str):
     try:
         return plugin(str(path))
     except (SyntaxError, OSError, ValueError) as err:
-        raise ValueError(f"Could not read image {str(path)!r} ({fmt}): {err}") from err
+        raise ValueError(
+            f"Could not read image {str(path)!r}: its {fmt} header is damaged or incomplete (PIL: {err})."
+        ) from err
 
 
 def _decode_plain(path: str, reduce: int = 1) -> np.ndarray:
@@ -331,7 +339,7 @@ def _check_jpeg(path: str | Path, data: bytes) -> None:
 
 
 def _check_jpeg_scans(path: Path, data: bytes) -> None:
-    """Decode at 1/8 scale with libjpeg's warnings as errors (``simplejpeg``, where installed): damaged scan data raises.
+    """Decode at 1/8 scale with libjpeg's warnings as errors (``simplejpeg``, if installed): damaged scan data raises.
 
     Decoding at 1/8 scale still reads every coefficient, at a small part of a full decode's cost.
     """
@@ -399,13 +407,14 @@ def _check_bmp(path: Path, im) -> None:
 
 
 def _check_plain_size(path: Path, width: int, height: int) -> None:
-    cap = _max_image_pixels()
-    if width * height > cap:
+    """Refuse a plain image whose declared size exceeds the cap, before anything is decoded or allocated."""
+    cap, pixels = _max_image_pixels(), width * height
+    if pixels > cap:
         raise ValueError(
-            f"Image {str(path)!r} declares {width} x {height} = {width * height:,} pixels ({3 * width * height / 1e9:.1f}"
-            f" GB as RGB), more than the {cap:,} pixels a JPEG/PNG/BMP may have: such a file is decoded whole. Convert "
-            "it to a tiled pyramidal TIFF (read tile by tile, e.g. `vips tiffsave in.jpg out.tif --tile --pyramid`), "
-            f"or, with enough memory, raise the cap: `sth.settings.max_image_pixels = {width * height}`."
+            f"Image {str(path)!r} declares {width} x {height} = {pixels:,} pixels ({3 * pixels / 1e9:.1f} GB as RGB), "
+            f"more than the {cap:,.0f} pixels a JPEG/PNG/BMP may have: such a file is decoded whole. Convert it to a "
+            "tiled pyramidal TIFF, which is read tile by tile (e.g. `vips tiffsave in.jpg out.tif --tile --pyramid`), "
+            f"or, with enough memory, raise the cap: `sth.settings.max_image_pixels = {pixels}`."
         )
 
 
@@ -503,6 +512,7 @@ def _tiff_levels(path: Path) -> tuple[list[da.Array], float | None]:
         keyframe = series.keyframe
         tile = (keyframe.tilelength, keyframe.tilewidth) if keyframe.is_tiled else (0, 0)
         photometric = int(keyframe.photometric)
+        extra = tuple(int(e) for e in (keyframe.extrasamples or ()))
         pixel_size = _tiff_pixel_size(tif, series)
         _check_tiff_extent(path, series)
     _check_tiff_pixels(path, dtype, photometric)
@@ -544,7 +554,10 @@ def _tiff_levels(path: Path) -> tuple[list[da.Array], float | None]:
                 f"TIFF {str(path)!r} has {level.shape[0]} channels (photometric {photometric}); expected grey, RGB or "
                 "RGBA. Convert it to an RGB TIFF."
             )
-        levels.append(_tiff_as_uint8(level, photometric))
+        level = _tiff_as_uint8(level, photometric)
+        if level.shape[0] == 4:
+            level = _tiff_alpha(level, extra[0] if extra else 2)
+        levels.append(level)
     return levels, pixel_size
 
 
@@ -576,6 +589,24 @@ def _check_tiff_pixels(path: Path, dtype, photometric: int) -> None:
             f"TIFF {str(path)!r} has photometric interpretation {photometric} (palette, CMYK, Lab, ...); expected "
             "RGB or grey. Convert it to an RGB TIFF."
         )
+
+
+def _tiff_alpha(level: da.Array, kind: int) -> da.Array:
+    """RGB + a fourth sample -> RGB: the TIFF ``ExtraSamples`` tag says what the fourth is.
+
+    Unassociated alpha (2) is composited over white like any RGBA image; associated (premultiplied) alpha (1) needs
+    only the white added; an unspecified extra sample (0) is no alpha, and is dropped.
+    """
+    if kind == 0:
+        return level[:3]
+    if kind == 2:
+        return level.rechunk({0: -1}).map_blocks(_over_white, chunks=(3, *level.chunks[1:]), dtype=np.uint8)
+    return level.rechunk({0: -1}).map_blocks(_premultiplied_over_white, chunks=(3, *level.chunks[1:]), dtype=np.uint8)
+
+
+def _premultiplied_over_white(block: np.ndarray) -> np.ndarray:
+    colour, alpha = block[:3].astype(np.uint16), block[3:].astype(np.uint16)
+    return np.minimum(colour + (255 - alpha), 255).astype(np.uint8)
 
 
 def _tiff_as_uint8(level: da.Array, photometric: int) -> da.Array:
