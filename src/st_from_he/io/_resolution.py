@@ -98,6 +98,7 @@ def st_layout_from_pixels(spatial_px: np.ndarray) -> str:
     from scipy.spatial import cKDTree
 
     spatial_px = np.asarray(spatial_px, dtype=float)
+    spatial_px = spatial_px[np.all(np.isfinite(spatial_px), axis=1)]
     if len(spatial_px) < 3:
         return "st_1k"
     _, index = cKDTree(spatial_px).query(spatial_px, k=2)
@@ -112,27 +113,29 @@ def implied_pixel_size(
     """The pixel size the spot grid implies, and the grid's name, for messages.
 
     Array coordinates, when given, decide the layout (legacy ST 1k or 2k) and give the pixels per array step; else
-    the spot-centre distances do (:func:`infer_pixel_size`). ``(None, name)`` when neither can (fewer than 3 spots).
+    the spot-centre distances do (:func:`infer_pixel_size`). ``(None, name)`` when neither can (fewer than 3 spots,
+    or coinciding ones).
     """
     if technology not in GRID_PITCH_UM:
         raise ValueError(f"Unknown technology {technology!r}; expected one of {sorted(GRID_PITCH_UM)}.")
     spatial_px = np.asarray(spatial_px, dtype=float)
     if array_col is not None and array_row is not None:
-        col = np.asarray(pd_numeric(array_col), dtype=float)
-        row = np.asarray(pd_numeric(array_row), dtype=float)
+        col = np.asarray(_numeric(array_col), dtype=float)
+        row = np.asarray(_numeric(array_row), dtype=float)
         layout = "visium" if technology == "visium" else st_array_layout(col, row)
         implied = pixel_size_from_array(col, row, spatial_px, layout)
         if implied is not None:
             return implied, layout_name(layout)
     else:
         layout = "visium" if technology == "visium" else st_layout_from_pixels(spatial_px)
-    if len(spatial_px) < 3:
-        return None, layout_name(layout)
     pitch_um = GRID_PITCH_UM["visium"] if layout == "visium" else NEIGHBOUR_UM[layout]
-    return pitch_um / grid_pitch_px(spatial_px), layout_name(layout)
+    try:
+        return pitch_um / grid_pitch_px(spatial_px), layout_name(layout)
+    except ValueError:  # too few or coinciding spots: callers that must infer raise the clear message then
+        return None, layout_name(layout)
 
 
-def pd_numeric(values) -> np.ndarray:
+def _numeric(values) -> np.ndarray:
     """Values as floats, anything non-numeric as NaN (array coordinates may arrive as strings or categories)."""
     import pandas as pd
 
@@ -165,6 +168,7 @@ def st_array_layout(array_col: np.ndarray, array_row: np.ndarray) -> str:
     from scipy.spatial import cKDTree
 
     coords = np.c_[np.asarray(array_col, dtype=float), np.asarray(array_row, dtype=float)]
+    coords = coords[np.all(np.isfinite(coords), axis=1)]
     if len(coords) < 2:
         return "st_1k"
     dist, _ = cKDTree(coords).query(coords, k=2)
