@@ -353,7 +353,8 @@ def _check_jpeg_scans(path: Path, data: bytes) -> None:
         if "Unsupported color conversion" in str(err) or "colorspace" in str(err).lower():
             return  # CMYK and similar: not this check's business, PIL converts them
         raise ValueError(
-            f"JPEG file {str(path)!r} is damaged: {err}. Its pixels cannot be read reliably; use an intact copy."
+            f"JPEG file {str(path)!r} is damaged: {err}. Its pixels cannot be read reliably; use an intact copy (if "
+            "this one looks right in a viewer, saving it as PNG or TIFF there keeps what it shows)."
         ) from err
 
 
@@ -807,12 +808,23 @@ def read_image(path: str | Path, *, sample_id: str, pixel_size_um: float | None 
     The image is read lazily: a pyramidal (OME-)TIFF keeps its own levels and is read tile by tile; a JPEG or PNG gets
     2x-downsampled overview levels.
 
+    The file is checked when read, so that a bad one fails here, naming it, rather than later as a wrong image:
+
+    - The format comes from the content, not the name. A truncated or damaged JPEG, PNG, BMP or TIFF raises (damage
+      inside a JPEG's compressed data is found where the optional ``simplejpeg`` package is installed).
+    - A JPEG, PNG or BMP is decoded whole, so one of more than ``sth.settings.max_image_pixels`` pixels (default
+      10^9, 3 GB as RGB) is refused: convert it to a tiled pyramidal TIFF, or raise the setting.
+    - Pixels become 8-bit RGB by one rule: grey is repeated, palette/CMYK/YCbCr converted, transparency composited
+      over white, 16-bit values divided by 257. Float TIFFs, CMYK or palette TIFFs and 2-channel images are refused.
+    - An EXIF orientation is not applied (logged): pixels are read as stored, and spot coordinates refer to them.
+
     Parameters
     ----------
     path
-        JPEG, PNG or (pyramidal, OME-)TIFF file of the H&E slide.
+        JPEG, PNG, BMP or (pyramidal, OME-)TIFF file of the H&E slide.
     sample_id
-        Section id; it names the element (``f"{sample_id}_image"``) and the micrometre coordinate system.
+        Section id; it names the element (``f"{sample_id}_image"``) and the micrometre coordinate system. Letters,
+        digits, ``_``, ``-`` and ``.`` only, not starting with ``.``, ``-`` or ``__``.
     pixel_size_um
         Micrometres per pixel of the finest level. ``None`` reads it from the file (OME ``PhysicalSizeX``, Aperio
         ``MPP`` or TIFF resolution tags); without spots it cannot be inferred, so a file that does not record it needs
