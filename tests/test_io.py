@@ -257,7 +257,8 @@ def test_read_st_aligns_by_array_position(her2st_small, her2st_dir):
     np.testing.assert_allclose(c6.obsm["spatial"][i], spots.loc["18x20", ["pixel_x", "pixel_y"]].to_numpy(float))
     # the circle with index spot_id sits at obsm["spatial"]
     circles = her2st_small["C6_spots"]
-    spot_id = int(c6.obs["spot_id"].iloc[i])
+    spot_id = c6.obs["spot_id"].iloc[i]
+    assert spot_id == "18x20"  # the array position: a stable identity across re-reads
     point = circles.geometry.loc[spot_id]
     assert (point.x, point.y) == pytest.approx(tuple(c6.obsm["spatial"][i]))
     assert np.issubdtype(table.X.dtype, np.integer)
