@@ -247,7 +247,10 @@ def test_decode_beyond_available_memory_says_so(tmp_path, crop_jpg, monkeypatch)
 def test_16_bit_png_and_tiff_scale_to_8_bit(tmp_path, crop):
     import imagecodecs
 
-    wide = crop.astype(np.uint16) * 257  # the same picture at 16 bits: 255 -> 65535
+    # The same picture at 16 bits, each value 128/257 of a step above v * 257: dividing by 257 and rounding gives the
+    # crop back, where taking the high byte (PIL's reading of 16-bit RGB PNGs) would give v + 1 for v >= 128.
+    wide = np.minimum(crop.astype(np.uint32) * 257 + 128, 65535).astype(np.uint16)
+    assert ((wide >> 8) != crop).any()
     rgb16 = tmp_path / "rgb16.png"
     rgb16.write_bytes(imagecodecs.png_encode(wide))
     np.testing.assert_array_equal(_decoded(rgb16), crop)

@@ -152,7 +152,7 @@ def _decode_pil(im, path: str, fmt: str, reduce: int) -> np.ndarray:
     target = (-(-im.width // reduce), -(-im.height // reduce))  # ceil, as the level shapes promise
     if reduce > 1:
         im.draft("RGB", target)
-    if im.mode != "RGB":
+    if im.mode != "RGB" or (fmt == "PNG" and _png_bit_depth(path) == 16):
         im = Image.fromarray(_rgb_pixels(im, path, fmt))
     if reduce > 1 and im.size != target:
         im = im.reduce(max(1, round(im.width / target[0])))
@@ -178,9 +178,9 @@ def _rgb_pixels(im, path: str, fmt: str) -> np.ndarray:
         return _rgb_from_channels(np.asarray(im))
     if mode == "1":
         return _rgb_from_channels(np.asarray(im.convert("L")))
-    if mode in ("P", "PA", "LA", "La", "RGBA", "RGBa", "RGBX"):
+    if mode in ("P", "PA", "LA", "La", "RGBA", "RGBa"):
         return _rgb_from_channels(np.asarray(im.convert("RGBA")))
-    if mode in ("CMYK", "YCbCr"):
+    if mode in ("CMYK", "YCbCr", "RGBX"):
         return np.asarray(im.convert("RGB"))
     if mode.startswith("I;16"):
         return _rgb_from_channels(to_uint8(np.asarray(im), path, sixteen_bit=True))
