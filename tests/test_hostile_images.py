@@ -273,6 +273,12 @@ def test_float_arrays_follow_one_rule(crop):
         ValueError, match=r"mostly in \[0, 1\], but 1 of its 720,000 values exceed 1 \(max 1\.02\).*Clip it"
     ):
         _image.array_levels(overshoot)
+    # Overshoot by less than half a grey level rounds into the range, as resampling leaves it: clipped.
+    tiny = unit.copy()
+    tiny[0, 0] = [1.0015, -0.0015, 0.5]
+    expected = crop.copy()
+    expected[0, 0] = [255, 0, 128]
+    np.testing.assert_array_equal(_image.to_uint8(tiny, "tiny"), expected)
     nan = unit.copy()
     nan[5, 5, 1] = np.nan
     with pytest.raises(ValueError, match="NaN or infinite"):

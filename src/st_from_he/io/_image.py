@@ -209,9 +209,11 @@ def to_uint8(image: np.ndarray, what: str, *, sixteen_bit: bool = False) -> np.n
     - 16-bit (a file that declares 16 bits, ``sixteen_bit=True``, or a uint16 array with values above 255):
       divided by 257 and rounded (65535 -> 255).
     - Other integers: values must lie in 0-255.
-    - Floats: must be finite and non-negative. Within [0, 1]: multiplied by 255 and rounded. Above 1 and at most 255:
-      read as 0-255 only if at least 1% of the values exceed 1 (a float copy of an 8-bit image); a [0, 1] image with a
-      few values above 1 (interpolation overshoot) is refused rather than read as a nearly black 0-255 image.
+    - Floats: must be finite. Within [0, 1]: multiplied by 255 and rounded. Above 1 and at most 255: read as 0-255
+      (rounded) only if at least 1% of the values exceed 1 (a float copy of an 8-bit image); a [0, 1] image with a few
+      values above 1 (interpolation overshoot) is refused rather than read as a nearly black 0-255 image. Values less
+      than half a grey level outside the range (e.g. -0.001 or 1.001 in [0, 1]) are clipped, as rounding would; any
+      other negative value is refused.
     """
     image = np.asarray(image)
     if image.dtype == np.uint8:
@@ -224,19 +226,20 @@ def to_uint8(image: np.ndarray, what: str, *, sixteen_bit: bool = False) -> np.n
         if not np.all(np.isfinite(image)):
             raise ValueError(f"Image {what} contains NaN or infinite values.")
         low, high = float(image.min()), float(image.max())
-        if low < 0:
+        # Values within half a grey level of the range round into it: clipping them changes nothing visible.
+        unit = high <= 1.0 + 0.5 / 255
+        if low < (-0.5 / 255 if unit else -0.5):
             raise ValueError(f"Image {what} has negative values (min {low:g}); expected [0, 1] or 0-255.")
-        if high <= 1.0:
-            return np.rint(image * 255.0).astype(np.uint8)
-        share = float(np.mean(image > 1.0))
-        if high <= 255.0 and share >= _FLOAT_255_MIN_SHARE:
-            return np.rint(image).astype(np.uint8)
-        if high <= 255.0:
+        if unit:
+            return np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+        above = int(np.count_nonzero(image > 1.0 + 0.5 / 255))
+        if high <= 255.5 and above >= _FLOAT_255_MIN_SHARE * image.size:
+            return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+        if high <= 255.5:
             raise ValueError(
-                f"Image {what} is a float image mostly in [0, 1], but {int(np.sum(image > 1.0)):,} of its "
-                f"{image.size:,} values exceed 1 (max {high:g}): it is ambiguous whether it is scaled to [0, 1] or "
-                "0-255 (read as 0-255 only if at least 1% of values exceed 1). Clip it to [0, 1] "
-                "(np.clip(image, 0, 1)) or give 0-255 values."
+                f"Image {what} is a float image mostly in [0, 1], but {above:,} of its {image.size:,} values exceed 1 "
+                f"(max {high:g}): it is ambiguous whether it is scaled to [0, 1] or 0-255 (read as 0-255 only if at "
+                "least 1% of values exceed 1). Clip it to [0, 1] (np.clip(image, 0, 1)) or give 0-255 values."
             )
         raise ValueError(f"Image {what} is a float image with values up to {high:g}; expected [0, 1] or 0-255.")
     low, high = int(image.min()), int(image.max())
