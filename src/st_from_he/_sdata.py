@@ -15,6 +15,8 @@ elements through zarr.
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -111,3 +113,80 @@ def get_section(sdata: SpatialData, sample: str, *, shapes_key: str | None = Non
 def table_rows(table: AnnData, sample: str) -> np.ndarray:
     """Integer positions of the table rows of ``sample``."""
     return np.flatnonzero(table.obs[SAMPLE_KEY].astype(str).to_numpy() == sample)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checks of the arguments of the public pp and tl functions: clear errors naming the function and the fix
+# --------------------------------------------------------------------------------------------------------------------
+def check_sdata(sdata, function: str, *, needs_image: bool = True) -> None:
+    """Raise a :class:`TypeError` naming ``function`` unless ``sdata`` is a :class:`~spatialdata.SpatialData`.
+
+    Parameters
+    ----------
+    sdata
+        What the user passed.
+    function
+        The public function, as users call it (e.g. ``"sth.tl.evaluate"``).
+    needs_image
+        Whether the function reads the H&E image; the message then points to ``attach_histology`` first.
+    """
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    if isinstance(sdata, SpatialData):
+        return
+    if isinstance(sdata, AnnData):
+        wrap_image = "`sth.pp.attach_histology(adata, image, pixel_size_um=...)` pairs its spots with their H&E image"
+        wrap_table = "`spatialdata.SpatialData(tables={'table': adata})` holds a table alone"
+        hint = f"{wrap_image}." if needs_image else f"{wrap_image}, or {wrap_table}."
+        raise TypeError(f"`{function}` takes a SpatialData, got an AnnData. Wrap it first: {hint}")
+    if isinstance(sdata, list | tuple) and sdata and all(isinstance(s, SpatialData) for s in sdata):
+        raise TypeError(
+            f"`{function}` takes one SpatialData, got a {type(sdata).__name__} of {len(sdata)}. Put the sections "
+            f"together with `sth.io.concatenate(...)`, or call it once per SpatialData."
+        )
+    raise TypeError(f"`{function}` takes a SpatialData, got {type(sdata).__name__}.")
+
+
+def check_number(value, name: str, *, positive: bool = True, integer: bool = False, unit: str = "") -> float | int:
+    """``value`` as a float (or int), with a clear error for strings, ``None``, booleans, NaN and non-positive values.
+
+    Parameters
+    ----------
+    value
+        What the user passed.
+    name
+        The argument's name, for the message.
+    positive
+        Require ``value > 0`` (else ``value >= 0``).
+    integer
+        Require a whole number, returned as :class:`int`.
+    unit
+        What the number counts, for the message (e.g. ``"micrometres"``).
+    """
+    kind = ("a positive " if positive else "a non-negative ") + ("integer" if integer else "number")
+    what = f"{kind}{f' of {unit}' if unit else ''}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be {what}, got {type(value).__name__} {value!r}.")
+    if not np.isfinite(value) or (value <= 0 if positive else value < 0) or (integer and int(value) != value):
+        raise ValueError(f"`{name}` must be {what}, got {value!r}.")
+    return int(value) if integer else float(value)
+
+
+def check_table_key(sdata: SpatialData, key, *, what: str = "", argument: str = "table_key") -> None:
+    """Raise a :class:`KeyError` listing the tables present unless ``sdata.tables`` holds ``key``."""
+    if not isinstance(key, str):
+        raise TypeError(f"`{argument}` must be the name of a table, got {type(key).__name__} {key!r}.")
+    if key not in sdata.tables:
+        raise KeyError(
+            f"No {what + ' ' if what else ''}table {key!r} (`{argument}`); tables present: {sorted(sdata.tables)}."
+        )
+
+
+def as_names(value, name: str) -> list[str]:
+    """A gene or sample list from a string (one name) or a sequence of names; ``None`` and numbers are refused."""
+    if isinstance(value, str):
+        return [value]
+    if value is None or not isinstance(value, Iterable) or isinstance(value, Mapping):
+        raise TypeError(f"`{name}` must be a name or a list of names, got {type(value).__name__} {value!r}.")
+    return [str(v) for v in value]

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from st_from_he._logging import logger
-from st_from_he._sdata import SAMPLE_KEY, TABLE_KEY
+from st_from_he._sdata import SAMPLE_KEY, TABLE_KEY, as_names, check_number
 from st_from_he._validate import check_table_raw_counts
 
 from ._normalize import log_normalize, table_of
@@ -68,11 +68,11 @@ def select_genes(
     >>> "ERBB2" in genes
     True
     """
-    table = table_of(sdata, table_key)
+    table = table_of(sdata, table_key, "sth.pp.select_genes")
     var_names = table.var_names
     marker_list = _present_markers(markers, var_names)
     if genes is not None:
-        genes = [genes] if isinstance(genes, str) else list(dict.fromkeys(genes))
+        genes = list(dict.fromkeys(as_names(genes, "genes")))
         if not genes:
             raise ValueError("`genes` is empty.")
         missing = [g for g in genes if g not in var_names]
@@ -85,9 +85,7 @@ def select_genes(
 
     if method not in ("hvg", "mean"):
         raise ValueError(f"Unknown `method` {method!r}; use 'hvg' or 'mean'.")
-    if int(n_top) != n_top or n_top < 1:
-        raise ValueError(f"`n_top` must be a positive integer, got {n_top}.")
-    n_top = int(n_top)
+    n_top = check_number(n_top, "n_top", integer=True, unit="genes")
     check_table_raw_counts(table, table_key=table_key)
 
     sample_col = table.obs[SAMPLE_KEY].astype(str).to_numpy() if SAMPLE_KEY in table.obs else np.zeros(table.n_obs, str)
@@ -112,7 +110,7 @@ def select_genes(
 def _present_markers(markers, var_names: pd.Index) -> list[str]:
     if markers is None:
         return []
-    markers = [markers] if isinstance(markers, str) else list(dict.fromkeys(markers))
+    markers = list(dict.fromkeys(as_names(markers, "markers")))
     absent = [g for g in markers if g not in var_names]
     if absent:
         logger.info("%d marker(s) not measured, skipped: %s", len(absent), ", ".join(absent[:20]))

@@ -8,8 +8,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from st_from_he._logging import logger
+from st_from_he._sdata import check_number, check_sdata
 
 from ._patches import image_of, to_image_pixels
+
+MAX_SPOTS = 2_000_000
+"""Default largest grid :func:`spot_grid` builds (``max_spots``)."""
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -25,6 +29,7 @@ def spot_grid(
     tissue_key: str | None = None,
     key_added: str | None = None,
     overwrite: bool = False,
+    max_spots: int = MAX_SPOTS,
 ) -> str:
     """Add circles on a square grid of given physical spacing over an image: pseudo-spots to predict on.
 
@@ -52,6 +57,11 @@ def spot_grid(
         Key of the new shapes element; default ``f"{S}_grid"`` for the image's sample ``S``.
     overwrite
         Replace an existing element ``key_added``.
+    max_spots
+        Largest number of grid points (over the whole image, before keeping those on tissue) this call builds; a
+        finer grid is refused with its size, before any memory is used. The default, 2 million, covers a
+        25 x 25 mm slide at 20 um spacing; every pseudo-spot later costs a patch and a prediction, so raise it
+        knowingly.
 
     Returns
     -------
@@ -69,16 +79,27 @@ def spot_grid(
     """
     from st_from_he.io._section import spots_element
 
+    check_sdata(sdata, "sth.pp.spot_grid")
+    spacing_um = check_number(spacing_um, "spacing_um", unit="micrometres")
+    diameter_um = check_number(diameter_um, "diameter_um", unit="micrometres")
+    max_spots = check_number(max_spots, "max_spots", integer=True, unit="spots")
     sample, px0, levels = image_of(sdata, image_key)
     key = f"{sample}_grid" if key_added is None else key_added
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"`key_added` must be a non-empty element name, got {key!r}.")
     if not overwrite and key in sdata:
         raise KeyError(f"Element {key!r} exists; pass `overwrite=True` or another `key_added`.")
-    for name, value in (("spacing_um", spacing_um), ("diameter_um", diameter_um)):
-        if not np.isfinite(value) or value <= 0:
-            raise ValueError(f"`{name}` must be a positive number of micrometres, got {value}.")
     height, width = levels[0].shape[1:]
     spacing_px = spacing_um / px0
     n_cols, n_rows = math.ceil(width / spacing_px), math.ceil(height / spacing_px)
+    if n_cols * n_rows > max_spots:
+        coarsest = spacing_um * math.sqrt(n_cols * n_rows / max_spots)
+        raise ValueError(
+            f"A {spacing_um:g} um grid over {image_key!r} ({width * px0 / 1000:.1f} x {height * px0 / 1000:.1f} mm) "
+            f"has {n_cols * n_rows:,} points, above `max_spots`={max_spots:,}. Use a larger `spacing_um` (about "
+            f"{math.ceil(coarsest):g} um or more fits), or pass a larger `max_spots=` if you have the memory and time "
+            f"for that many patches and predictions."
+        )
     xs = width / 2 + (np.arange(n_cols) - (n_cols - 1) / 2) * spacing_px
     ys = height / 2 + (np.arange(n_rows) - (n_rows - 1) / 2) * spacing_px
     rows, cols = np.divmod(np.arange(n_rows * n_cols), n_cols)

@@ -8,7 +8,7 @@ import numpy as np
 from scipy import sparse
 
 from st_from_he._logging import logger
-from st_from_he._sdata import TABLE_KEY
+from st_from_he._sdata import TABLE_KEY, check_number, check_sdata, check_table_key
 from st_from_he._validate import check_raw_counts
 
 if TYPE_CHECKING:
@@ -57,14 +57,14 @@ def log_normalize(counts, *, target_sum: float = TARGET_SUM, keep_sparse: bool =
     return x.astype(np.float32)
 
 
-def table_of(sdata, table_key: str) -> AnnData:
-    """The table ``table_key`` of a SpatialData (or an AnnData itself), with a clear error if absent."""
+def table_of(sdata, table_key: str, function: str) -> AnnData:
+    """The table ``table_key`` of a SpatialData (or an AnnData itself), with clear errors naming ``function``."""
     from anndata import AnnData
 
     if isinstance(sdata, AnnData):
         return sdata
-    if table_key not in sdata.tables:
-        raise KeyError(f"No table {table_key!r}; tables present: {sorted(sdata.tables)}.")
+    check_sdata(sdata, function, needs_image=False)
+    check_table_key(sdata, table_key)
     return sdata.tables[table_key]
 
 
@@ -109,7 +109,8 @@ def normalize(
     >>> sdata.tables["table"].layers["lognorm"].dtype
     dtype('float32')
     """
-    table = table_of(sdata, table_key)
+    table = table_of(sdata, table_key, "sth.pp.normalize")
+    target_sum = check_number(target_sum, "target_sum", unit="counts")
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"`key_added` must be a non-empty layer name, got {key_added!r}.")
     if not overwrite and (key_added in table.layers or key_added in table.uns):

@@ -11,6 +11,7 @@ level). Pixels beyond the image border count as white (255), the colour of empty
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import threading
 from collections import OrderedDict
@@ -24,7 +25,17 @@ import pandas as pd
 
 from st_from_he._logging import logger
 from st_from_he._memory import empty_uint8
-from st_from_he._sdata import SAMPLE_KEY, SPATIAL_KEY, TABLE_KEY, get_section, pixel_size_um, table_rows
+from st_from_he._sdata import (
+    SAMPLE_KEY,
+    SPATIAL_KEY,
+    TABLE_KEY,
+    as_names,
+    check_number,
+    check_sdata,
+    get_section,
+    pixel_size_um,
+    table_rows,
+)
 from st_from_he._sdata import image_key as sample_image_key
 from st_from_he._sdata import samples as table_samples
 from st_from_he._settings import settings
@@ -240,6 +251,11 @@ def to_image_pixels(sdata: SpatialData, element_key: str, image_key: str, sample
 
 def image_of(sdata: SpatialData, image_key: str) -> tuple[str, float, list[da.Array]]:
     """Sample, micrometres per pixel (finest level) and levels of an image element, with clear errors."""
+    if not isinstance(image_key, str):
+        raise TypeError(
+            f"`image_key` must be the name of an image element, got {type(image_key).__name__} {image_key!r}; "
+            f"images present: {sorted(sdata.images)}."
+        )
     if image_key not in sdata.images:
         hint = ""
         if sample_image_key(image_key) in sdata.images:
@@ -613,9 +629,10 @@ def extract_patches(
     >>> patches[:8].shape
     (8, 2, 3, 224, 224)
     """
+    check_sdata(sdata, "sth.pp.extract_patches")
     size_um, size_px, context = _check_geometry(size_um, size_px, context)
     if samples is not None:
-        samples = [samples] if isinstance(samples, str) else list(samples)
+        samples = as_names(samples, "samples")
     if shapes_key is not None:
         names, sample_of, spatial = _spots_from_shapes(sdata, shapes_key, samples)
     else:
@@ -640,17 +657,18 @@ def extract_patches(
 
 
 def _check_geometry(size_um, size_px, context) -> tuple[float, int, tuple[float, ...]]:
-    size_um = float(size_um)
-    if not np.isfinite(size_um) or size_um <= 0:
-        raise ValueError(f"`size_um` must be a positive number of micrometres, got {size_um}.")
-    if int(size_px) != size_px or size_px < 1:
-        raise ValueError(f"`size_px` must be a positive integer, got {size_px}.")
-    if np.isscalar(context):
+    size_um = check_number(size_um, "size_um", unit="micrometres")
+    size_px = check_number(size_px, "size_px", integer=True, unit="pixels")
+    if isinstance(context, numbers.Real):
         context = (context,)
-    context = tuple(float(c) for c in context)
-    if not context or any(not np.isfinite(c) or c <= 0 for c in context):
-        raise ValueError(f"`context` must be one or more positive scales, got {context}.")
-    return size_um, int(size_px), context
+    if isinstance(context, str) or not isinstance(context, Sequence | np.ndarray):
+        raise TypeError(
+            f"`context` must be a positive scale or a list of them, got {type(context).__name__} {context!r}."
+        )
+    context = tuple(check_number(c, "context", unit="patch sides") for c in context)
+    if not context:
+        raise ValueError("`context` is empty; give at least one scale, e.g. (1.0,).")
+    return size_um, size_px, context
 
 
 def _spots_from_table(sdata, table_key, samples):

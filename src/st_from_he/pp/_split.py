@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from st_from_he._logging import logger
-from st_from_he._sdata import SAMPLE_KEY, TABLE_KEY, samples
+from st_from_he._sdata import SAMPLE_KEY, TABLE_KEY, as_names, check_sdata, check_table_key, samples
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -37,7 +37,8 @@ def split_sections(
     val
         Sample id(s) of a validation set, if wanted.
     table_key
-        Table whose ``obs["sample"]`` lists the samples.
+        Table whose ``obs["sample"]`` lists the samples; it must exist unless ``sdata`` holds no table at all (an
+        H&E-only SpatialData, whose samples are those of its images).
 
     Returns
     -------
@@ -53,6 +54,9 @@ def split_sections(
     >>> sorted(test.tables["table"].obs["sample"].unique())
     ['C6']
     """
+    check_sdata(sdata, "sth.pp.split_sections", needs_image=False)
+    if sdata.tables:  # without any table (H&E only) the sections are those of the images
+        check_table_key(sdata, table_key)
     present = samples(sdata, table_key)
     test = _as_list(test, "test")
     val = _as_list(val, "val") if val is not None else []
@@ -72,7 +76,7 @@ def split_sections(
 
 
 def _as_list(ids, name: str) -> list[str]:
-    ids = [ids] if isinstance(ids, str) else list(ids)
+    ids = as_names(ids, name)
     if not ids:
         raise ValueError(f"`{name}` names no section.")
     if len(set(ids)) != len(ids):

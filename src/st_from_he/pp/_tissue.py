@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from st_from_he._logging import logger
-from st_from_he._sdata import micrometre_transform
+from st_from_he._sdata import check_number, check_sdata, micrometre_transform
 
 from ._patches import image_of
 
@@ -115,13 +115,15 @@ def detect_tissue(
     import dask.array as da
     from scipy import ndimage as ndi
 
+    check_sdata(sdata, "sth.pp.detect_tissue")
     sample, px0, levels = image_of(sdata, image_key)
     if key_added is not None and not overwrite and key_added in sdata:
         raise KeyError(f"Element {key_added!r} exists; pass `overwrite=True` or another `key_added`.")
     if method not in ("triangle", "otsu"):
         raise ValueError(f"Unknown `method` {method!r}; use 'triangle' or 'otsu'.")
-    if not np.isfinite(min_area_um2) or min_area_um2 < 0:
-        raise ValueError(f"`min_area_um2` must be a non-negative area, got {min_area_um2}.")
+    min_area_um2 = check_number(min_area_um2, "min_area_um2", positive=False, unit="square micrometres")
+    if level is not None:
+        level = check_number(level, "level", positive=False, integer=True, unit="pyramid levels")
     h0, w0 = levels[0].shape[1:]
     sizes = [px0 * max(h0 / lv.shape[1], w0 / lv.shape[2]) for lv in levels]
     if level is None:

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from st_from_he._logging import logger, timed
-from st_from_he._sdata import SAMPLE_KEY, TABLE_KEY, samples
+from st_from_he._sdata import SAMPLE_KEY, TABLE_KEY, as_names, check_number, check_sdata, check_table_key, samples
 from st_from_he._settings import settings
 
 from ._gene_sets import BREAST_MARKERS, _check_gene_sets
@@ -129,6 +129,8 @@ def cross_validate(
     >>> sth.pl.metrics(scores)  # doctest: +SKIP
     >>> by_patient = sth.tl.cross_validate(sdata, groups=lambda sample: sample[0])  # doctest: +SKIP
     """
+    check_sdata(sdata, "sth.tl.cross_validate")
+    _check_common(sdata, table_key, n_top, n_genes)
     methods = _methods(presets, model_kwargs)
     fit_kwargs = _check_fit_kwargs(fit_kwargs)
     sets = _check_gene_sets(gene_sets)
@@ -302,6 +304,8 @@ def few_shot(
     >>> curve = sth.tl.few_shot(sdata, test="C6", n_train_spots=[25, 50, 100], presets=["ridge"])  # doctest: +SKIP
     >>> curve.pivot_table(index="n_train_spots", columns="gene_set", values="pearson")  # doctest: +SKIP
     """
+    check_sdata(sdata, "sth.tl.few_shot")
+    _check_common(sdata, table_key, n_top, n_genes)
     methods = _methods(presets, model_kwargs)
     fit_kwargs = _check_fit_kwargs(fit_kwargs)
     sets = _check_gene_sets(gene_sets)
@@ -512,6 +516,13 @@ def _try_model(preset: str, kwargs: Mapping[str, Any], name: str) -> ExpressionM
         raise TypeError(f"Method {name!r} (preset {preset!r}): {err}") from err
 
 
+def _check_common(sdata: SpatialData, table_key: str, n_top, n_genes) -> None:
+    """The measured table exists, and the gene counts are positive integers (checked before any fit)."""
+    check_table_key(sdata, table_key, what="measured")
+    check_number(n_top, "n_top", integer=True, unit="genes")
+    check_number(n_genes, "n_genes", integer=True, unit="genes")
+
+
 def _check_fit_kwargs(fit_kwargs) -> dict[str, Any]:
     fit_kwargs = dict(fit_kwargs or {})
     reserved = sorted(_RESERVED_FIT_KWARGS & set(fit_kwargs))
@@ -524,7 +535,7 @@ def _check_fit_kwargs(fit_kwargs) -> dict[str, Any]:
 
 
 def _check_genes(sdata: SpatialData, genes, table_key: str) -> list[str]:
-    genes = [genes] if isinstance(genes, str) else list(dict.fromkeys(map(str, genes)))
+    genes = list(dict.fromkeys(as_names(genes, "genes")))
     if not genes:
         raise ValueError("`genes` is empty.")
     var_names = sdata.tables[table_key].var_names

@@ -11,10 +11,20 @@ import pandas as pd
 from scipy import sparse
 
 from st_from_he._logging import logger
-from st_from_he._sdata import INSTANCE_KEY, PREDICTED_KEY, REGION_KEY, SAMPLE_KEY, TABLE_KEY, UNS_KEY
+from st_from_he._sdata import (
+    INSTANCE_KEY,
+    PREDICTED_KEY,
+    REGION_KEY,
+    SAMPLE_KEY,
+    SPATIAL_KEY,
+    TABLE_KEY,
+    UNS_KEY,
+    check_number,
+    check_sdata,
+)
 from st_from_he._validate import check_raw_counts, is_raw_counts
 
-from ._gene_sets import _check_gene_sets, _select_genes
+from ._gene_sets import _check_gene_sets, _check_markers, _check_measured_params, _select_genes
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -34,6 +44,8 @@ _RESERVED = frozenset(
 # shared helpers (also used by gene_correlation, tumour scoring and the plots)
 # --------------------------------------------------------------------------------------------------------------------
 def _table(sdata: SpatialData, key: str, what: str) -> AnnData:
+    if not isinstance(key, str):
+        raise TypeError(f"The {what} table key must be a table name, got {type(key).__name__} {key!r}.")
     if key not in sdata.tables:
         hint = " Run `sth.tl.predict_expression` first." if key == PREDICTED_KEY else ""
         raise KeyError(f"No {what} table {key!r} in the SpatialData; tables present: {sorted(sdata.tables)}.{hint}")
@@ -72,27 +84,79 @@ def _spot_index(table: AnnData, key: str) -> pd.MultiIndex:
 
 
 def _align(pred: AnnData, meas: AnnData, predicted_key: str, measured_key: str) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions ``(pred_rows, meas_rows)`` of the spots both tables annotate, in measured-table order."""
+    """Row positions ``(pred_rows, meas_rows)`` of the spots both tables annotate, in measured-table order.
+
+    Spots are matched by (region, instance id), never by row position. Every predicted spot must be in the measured
+    table: a prediction that outlived a change of the measured table (spots filtered out, the section re-read) is
+    refused rather than scored on part of its spots. Where both tables hold spot centres (``obsm["spatial"]``), the
+    matched spots must also lie at the same place (see :func:`_check_positions`).
+    """
     pred_index = _spot_index(pred, predicted_key)
     meas_index = _spot_index(meas, measured_key)
     hit = meas_index.get_indexer(pred_index)
-    pred_rows = np.flatnonzero(hit >= 0)
-    if pred_rows.size == 0:
+    missing = hit < 0
+    if missing.all():
         raise ValueError(
             f"Tables {predicted_key!r} and {measured_key!r} share no spot: rows are matched by (region, instance id), "
             f"and the prediction annotates regions {sorted(set(pred_index.get_level_values(0)))} while the measured "
             f"table annotates {sorted(set(meas_index.get_level_values(0)))}."
         )
-    meas_rows = hit[pred_rows]
+    if missing.any():
+        examples = [f"{region}/{spot}" for region, spot in pred_index[missing][:5]]
+        raise ValueError(
+            f"{int(missing.sum())} of {pred.n_obs} spots of table {predicted_key!r} are not in table {measured_key!r} "
+            f"(e.g. region/instance id {examples}). Spots are matched by identity, and every predicted spot must "
+            f"have its measurement: the measured table was probably filtered or re-read after the prediction. "
+            f"Predict again from the current measured table (`sth.tl.predict_expression(..., overwrite=True)`), or "
+            f"drop these rows from {predicted_key!r} yourself if leaving them out is intended."
+        )
+    pred_rows = np.arange(pred.n_obs)
+    meas_rows = hit
     order = np.argsort(meas_rows, kind="stable")
     pred_rows, meas_rows = pred_rows[order], meas_rows[order]
-    if pred_rows.size < pred.n_obs:
-        logger.info(
-            "%d of %d predicted spots have no measured counterpart and are left out.",
-            pred.n_obs - pred_rows.size,
-            pred.n_obs,
-        )
+    _check_positions(pred, meas, pred_rows, meas_rows, predicted_key, measured_key)
     return pred_rows, meas_rows
+
+
+def _check_positions(
+    pred: AnnData, meas: AnnData, pred_rows: np.ndarray, meas_rows: np.ndarray, predicted_key: str, measured_key: str
+) -> None:
+    """Refuse matched spots whose centres disagree: their instance ids do not name the same spots in both tables.
+
+    Per region, the measured centres are mapped onto the predicted ones by a least-squares affine map (so tables in
+    other pixel frames or units still agree); a matched spot farther than half the spot spacing from where the map
+    puts it is another spot. This catches instance ids that are row numbers of two different readings of a section.
+    Regions with fewer than 4 matched spots, and tables without ``obsm["spatial"]``, are not checked.
+    """
+    from scipy.spatial import cKDTree
+
+    if SPATIAL_KEY not in pred.obsm or SPATIAL_KEY not in meas.obsm:
+        return
+    p_xy = np.asarray(pred.obsm[SPATIAL_KEY], dtype=float)[pred_rows, :2]
+    m_xy = np.asarray(meas.obsm[SPATIAL_KEY], dtype=float)[meas_rows, :2]
+    region_key, _ = _keys(meas)
+    regions = meas.obs[region_key].astype(str).to_numpy()[meas_rows]
+    for region in dict.fromkeys(regions):
+        sel = (regions == region) & np.isfinite(p_xy).all(axis=1) & np.isfinite(m_xy).all(axis=1)
+        if sel.sum() < 4:
+            continue
+        p, m = p_xy[sel], m_xy[sel]
+        design = np.column_stack([m, np.ones(len(m))])
+        coef, *_ = np.linalg.lstsq(design, p, rcond=None)
+        residual = np.linalg.norm(design @ coef - p, axis=1)
+        spacing = float(np.median(cKDTree(p).query(p, k=2)[0][:, 1]))
+        off = residual > 0.5 * spacing
+        if spacing > 0 and off.any():
+            first = int(np.flatnonzero(off)[0])
+            spot = pred.obs[_keys(pred)[1]].to_numpy()[pred_rows[sel][first]]
+            raise ValueError(
+                f"Tables {predicted_key!r} and {measured_key!r} give different positions to {int(off.sum())} of "
+                f"{int(sel.sum())} spots of region {region!r} that share an instance id (e.g. spot {spot!r} at "
+                f"{np.round(p[first], 1).tolist()} in obsm['spatial'] of {predicted_key!r} but "
+                f"{np.round(m[first], 1).tolist()} in {measured_key!r}): the instance ids do not name the same spots, "
+                f"so scores would compare different spots. This happens when a section is read again with other "
+                f"spots and ids are row numbers; predict again from the measured table you evaluate against."
+            )
 
 
 def _matrix(table: AnnData, layer: str | None, key: str):
@@ -296,7 +360,11 @@ def evaluate(
     """Score predicted against measured expression with the package's evaluation protocol.
 
     Spots of the prediction table and the measured table are matched by their region and instance id (never by row
-    order), genes are those both tables hold. The targets are ``log1p`` of the measured raw counts scaled to 10,000
+    order), genes are those both tables hold. Every predicted spot must be in the measured table, else an error
+    says how many are not (the prediction no longer matches the measured data, e.g. spots were filtered out after
+    predicting): scoring only the rest would hide it. Where both tables hold ``obsm["spatial"]``, matched spots must
+    also lie at the same place (up to an affine change of frame), which catches instance ids that name different
+    spots in the two tables. Measured spots without a prediction are left out. The targets are ``log1p`` of the measured raw counts scaled to 10,000
     per spot (library size over all measured genes), computed on the fly; the measured table is not modified.
     For each section (``per="sample"``) and gene, this computes Pearson's r (PCC), Spearman's rho, the mean squared
     and the mean absolute error across the section's spots. A gene that is constant in the prediction or in the
@@ -372,14 +440,18 @@ def evaluate(
     >>> res["summary"][["pcc_heg", "pcc_hvg", "pcc_markers", "n_constant"]]  # doctest: +SKIP
     >>> res["per_gene"].query("markers").sort_values("pearson")  # doctest: +SKIP
     """
+    check_sdata(sdata, "sth.tl.evaluate", needs_image=False)
     sets = _check_gene_sets(gene_sets)
     clash = [name for name in sets if name in _RESERVED]
     if clash:
         raise ValueError(f"Gene set name(s) {clash} clash with result columns; rename them.")
     if per not in ("sample", "all"):
         raise ValueError(f"`per` must be 'sample' or 'all', got {per!r}.")
-    if n_genes < 1:
-        raise ValueError(f"`n_genes` must be a positive number of genes, got {n_genes}.")
+    n_genes = check_number(n_genes, "n_genes", integer=True, unit="genes")
+    markers = _check_markers(markers)
+    _check_measured_params(layer, normalize)
+    if not isinstance(key_added, str) or not key_added:
+        raise TypeError(f"`key_added` must be a non-empty name, got {key_added!r}.")
     paired = _paired(sdata, predicted_key, measured_key, layer=layer, normalize=normalize)
     genes = paired.genes
     meas_table = _measured_table(sdata, measured_key)

@@ -10,10 +10,10 @@ import pandas as pd
 
 from st_from_he._docs import inject_docs
 from st_from_he._logging import logger
-from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY
+from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY, check_number, check_sdata
 
 from ._evaluate import _corrcoef, _paired, _predicted_table, _preservation
-from ._gene_sets import GENE_SETS, _select_genes
+from ._gene_sets import GENE_SETS, _check_markers, _check_measured_params, _select_genes
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -48,6 +48,14 @@ def _gene_correlation(
     normalize: bool | None = None,
 ) -> dict[str, Any]:
     """Compute the result of :func:`gene_correlation` without storing it."""
+    n_genes = check_number(n_genes, "n_genes", integer=True, unit="genes")
+    markers = _check_markers(markers)
+    _check_measured_params(layer, normalize)
+    if genes is None or not isinstance(genes, str | Sequence | np.ndarray | pd.Index):
+        raise TypeError(
+            f"`genes` must be a gene set name {list(GENE_SETS)} or a list of genes, got {type(genes).__name__} "
+            f"{genes!r}."
+        )
     if isinstance(genes, str):
         if genes not in GENE_SETS:
             raise ValueError(f"Unknown gene set {genes!r}; give one of {list(GENE_SETS)} or a list of genes.")
@@ -146,6 +154,7 @@ def gene_correlation(
     ...     sth.tl.gene_correlation(sdata, sample=s)  # doctest: +SKIP
     >>> sdata.tables["predicted_expression"].uns["gene_correlation"]["C5"]["preservation"]  # doctest: +SKIP
     """
+    check_sdata(sdata, "sth.tl.gene_correlation", needs_image=False)
     result = _gene_correlation(
         sdata,
         genes=genes,

@@ -31,6 +31,11 @@ def _check_gene_sets(gene_sets) -> dict[str, Sequence[str] | None]:
     """Normalise ``gene_sets`` to ``{name: explicit genes or None for a built-in}``; raise on unknown names."""
     if isinstance(gene_sets, str):
         gene_sets = (gene_sets,)
+    if gene_sets is None or not isinstance(gene_sets, Mapping | Sequence | set | frozenset):
+        raise TypeError(
+            f"`gene_sets` must be names of built-in sets {list(GENE_SETS)} or a mapping from set name to genes, got "
+            f"{type(gene_sets).__name__} {gene_sets!r}."
+        )
     if isinstance(gene_sets, Mapping):
         out = {}
         for name, genes in gene_sets.items():
@@ -49,6 +54,25 @@ def _check_gene_sets(gene_sets) -> dict[str, Sequence[str] | None]:
     if not out:
         raise ValueError(f"`gene_sets` is empty; give at least one of {list(GENE_SETS)} or a mapping to gene lists.")
     return out
+
+
+def _check_markers(markers) -> list[str] | None:
+    """``markers`` as a list of gene names (one name alone is one marker, not its letters), or ``None``."""
+    if markers is None:
+        return None
+    if isinstance(markers, str):
+        return [markers]
+    if not isinstance(markers, Sequence | set | frozenset | np.ndarray):
+        raise TypeError(f"`markers` must be a list of gene names, got {type(markers).__name__} {markers!r}.")
+    return [str(g) for g in markers]
+
+
+def _check_measured_params(layer, normalize) -> None:
+    """Types of the ``layer`` and ``normalize`` arguments shared by the evaluation functions."""
+    if layer is not None and not isinstance(layer, str):
+        raise TypeError(f"`layer` must be the name of a layer or None (X), got {type(layer).__name__} {layer!r}.")
+    if normalize is not None and not isinstance(normalize, bool | np.bool_):
+        raise TypeError(f"`normalize` must be None, True or False, got {normalize!r}.")
 
 
 def _top_genes(expression: np.ndarray, genes: Sequence[str], n_genes: int, *, by: str) -> list[str]:
@@ -148,10 +172,16 @@ def gene_set(
     >>> sth.tl.gene_set(sdata, "hvg", n_genes=3, genes=None)  # doctest: +SKIP
     ['SCGB2A2', 'CEACAM6', 'KRT86']
     """
-    from st_from_he._sdata import SAMPLE_KEY, samples, table_rows
+    from st_from_he._sdata import SAMPLE_KEY, check_number, check_sdata, samples, table_rows
 
     from ._evaluate import _measured_expression, _measured_table
 
+    check_sdata(sdata, "sth.tl.gene_set", needs_image=False)
+    if name not in GENE_SETS:
+        raise ValueError(f"Unknown gene set {name!r}; the built-in sets are {list(GENE_SETS)}.")
+    n_genes = check_number(n_genes, "n_genes", integer=True, unit="genes")
+    markers = _check_markers(markers)
+    _check_measured_params(layer, normalize)
     table = _measured_table(sdata, measured_key)
 
     all_samples = samples(sdata, measured_key) if SAMPLE_KEY in table.obs else []

@@ -6,7 +6,16 @@ import numpy as np
 import pandas as pd
 
 from st_from_he._logging import logger, timed
-from st_from_he._sdata import INSTANCE_KEY, PREDICTED_KEY, REGION_KEY, SAMPLE_KEY, SPATIAL_KEY, TABLE_KEY
+from st_from_he._sdata import (
+    INSTANCE_KEY,
+    PREDICTED_KEY,
+    REGION_KEY,
+    SAMPLE_KEY,
+    SPATIAL_KEY,
+    TABLE_KEY,
+    check_number,
+    check_sdata,
+)
 from st_from_he._settings import settings
 
 
@@ -51,7 +60,9 @@ def predict_expression(
     device
         Torch device (``"auto"``: a GPU when available); default: the model's.
     overwrite
-        Replace an existing table ``key_added``.
+        Replace an existing prediction table ``key_added`` (one written by this function). Measured data are never
+        replaced: ``key_added`` equal to ``table_key``, or naming any table this function did not write, is refused
+        whatever ``overwrite``.
     progress_bar
         Show progress; default ``sth.settings.progress_bar``.
 
@@ -83,24 +94,37 @@ def predict_expression(
 
     from st_from_he.pp import extract_patches
 
+    from ._model import ExpressionModel
+
+    check_sdata(sdata, "sth.tl.predict_expression")
     progress_bar = settings.progress_bar if progress_bar is None else progress_bar
-    if key_added in sdata.tables and not overwrite:
-        raise KeyError(f"Table {key_added!r} exists; pass `overwrite=True` or choose another `key_added`.")
-    if key_added == table_key and shapes_key is None:
-        raise ValueError(
-            f"`key_added` must differ from the measured table {table_key!r}: measured data are never overwritten."
-        )
-    if shapes_key is None and table_key not in sdata.tables:
-        raise KeyError(
-            f"No table {table_key!r} to take spots from; for an H&E-only slide make pseudo-spots with "
-            f"`sth.pp.spot_grid` and pass their `shapes_key`."
-        )
+    batch_size = check_number(batch_size, "batch_size", integer=True, unit="patches")
+    _check_key_added(sdata, key_added, table_key=table_key, overwrite=overwrite)
+    if shapes_key is None:
+        if table_key not in sdata.tables:
+            raise KeyError(
+                f"No table {table_key!r} to take spots from (`table_key`); tables present: {sorted(sdata.tables)}. "
+                f"For an H&E-only slide make pseudo-spots with `sth.pp.spot_grid` and pass their `shapes_key`."
+            )
+        missing = [k for k in (SAMPLE_KEY, REGION_KEY, INSTANCE_KEY) if k not in sdata.tables[table_key].obs]
+        if missing:
+            raise KeyError(
+                f"Table {table_key!r} has no obs column(s) {missing}: each spot needs its section (sample), circles "
+                f"element (region) and circle (instance id), as the `sth.io` readers and `attach_histology` write."
+            )
+    elif not isinstance(shapes_key, str) or shapes_key not in sdata.shapes:
+        raise KeyError(f"No shapes element {shapes_key!r} (`shapes_key`); shapes present: {sorted(sdata.shapes)}.")
     if model is None:
         if reference is None:
             raise ValueError("Pass a fitted `model`, or `reference=` sections to train a default model on.")
         model = _default_model(reference, table_key=table_key)
     elif reference is not None:
         raise ValueError("Pass either `model` or `reference`, not both.")
+    if not isinstance(model, ExpressionModel):
+        raise TypeError(
+            f"`model` must be a fitted `sth.tl.ExpressionModel` (or one from `ExpressionModel.load`), got "
+            f"{type(model).__name__}."
+        )
     if not model.is_fitted:
         raise RuntimeError("The model is not fitted; call `model.fit(train)` first.")
 
@@ -140,12 +164,40 @@ def predict_expression(
     logger.info("Wrote table %r (%d spots x %d genes)", key_added, table.n_obs, table.n_vars)
 
 
+def _check_key_added(sdata, key_added, *, table_key: str, overwrite: bool) -> None:
+    """Refuse a ``key_added`` that would replace measured data (whatever ``overwrite``) or, without it, any table.
+
+    Only a table written by :func:`predict_expression` (it carries ``uns["predict_expression"]``) may be replaced.
+    """
+    if not isinstance(key_added, str) or not key_added:
+        raise TypeError(f"`key_added` must be a non-empty table name, got {key_added!r}.")
+    if key_added == table_key:
+        raise ValueError(
+            f"`key_added` {key_added!r} is the measured table (`table_key`): measured data are never overwritten, "
+            f"whatever `overwrite`. Choose another `key_added`, e.g. {PREDICTED_KEY!r}."
+        )
+    if key_added not in sdata.tables:
+        return
+    if "predict_expression" not in sdata.tables[key_added].uns:
+        raise ValueError(
+            f"Table {key_added!r} was not written by `sth.tl.predict_expression` (it may hold measured counts), so "
+            f"it is never replaced, whatever `overwrite`. Choose another `key_added`, or delete that table yourself "
+            f"first (`del sdata.tables[{key_added!r}]`) if you really mean to drop it."
+        )
+    if not overwrite:
+        raise KeyError(f"Table {key_added!r} exists; pass `overwrite=True` or choose another `key_added`.")
+    logger.info("Replacing the prediction table %r.", key_added)
+
+
 def _spot_obs(sdata, patches, *, table_key: str, shapes_key: str | None) -> pd.DataFrame:
     """sample, region and instance id of every patch's spot, keyed by the patches' obs_names."""
     names = pd.Index(patches.obs_names)
     if shapes_key is None:
+        # patches follow the table's rows one to one (by position: obs_names need not be unique)
         measured = sdata.tables[table_key].obs
-        obs = measured.loc[names, [SAMPLE_KEY, REGION_KEY, INSTANCE_KEY]].copy()
+        if len(measured) != len(names) or not np.array_equal(measured.index.to_numpy(), names.to_numpy()):
+            raise RuntimeError("Patches and table rows disagree; this is a bug, please report it.")
+        obs = measured[[SAMPLE_KEY, REGION_KEY, INSTANCE_KEY]].copy()
     else:
         obs = pd.DataFrame(
             {

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from st_from_he._logging import logger
-from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY, UNS_KEY
+from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY, UNS_KEY, check_sdata
 from st_from_he._validate import is_raw_counts
 
 from ._evaluate import (
@@ -23,7 +23,7 @@ from ._evaluate import (
     _samples_of,
     _table,
 )
-from ._gene_sets import TUMOR_MARKERS
+from ._gene_sets import TUMOR_MARKERS, _check_markers, _check_measured_params
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -34,7 +34,7 @@ def _marker_expression(
     table: AnnData, markers: Sequence[str], *, key: str, layer: str | None, normalize: bool | None
 ) -> tuple[np.ndarray, list[str], bool]:
     """Spots x present-markers expression (``log1p`` CP10k when the table holds raw counts), the markers, normalised?"""
-    markers = list(dict.fromkeys(map(str, markers)))
+    markers = list(dict.fromkeys(_check_markers(markers) or []))
     present = [g for g in markers if g in table.var_names]
     if not present:
         raise ValueError(
@@ -51,7 +51,14 @@ def _marker_expression(
         normalize = not marked and is_raw_counts(x)
     if normalize:
         return _lognorm_rows(table, rows, cols, layer=layer, key=key, require_counts=False), present, True
-    return _dense(x, rows, cols), present, False
+    values = _dense(x, rows, cols)
+    if not np.all(np.isfinite(values)):
+        bad = sorted({present[j] for j in np.flatnonzero(~np.isfinite(values).all(axis=0))})
+        raise ValueError(
+            f"Table {key!r} {'X' if layer is None else f'layer {layer!r}'} holds NaN or infinite values for marker(s) "
+            f"{bad}; a tumour score needs finite expression."
+        )
+    return values, present, False
 
 
 def _zscore_mean(x: np.ndarray, samples: np.ndarray) -> np.ndarray:
@@ -123,6 +130,10 @@ def score_tumor(
     >>> sth.tl.score_tumor(sdata, table_key="table", key_added="tumor_score_measured")  # doctest: +SKIP
     >>> sth.pl.tumor_map(sdata, sample="C6")  # doctest: +SKIP
     """
+    check_sdata(sdata, "sth.tl.score_tumor", needs_image=False)
+    _check_measured_params(layer, normalize)
+    if not isinstance(key_added, str) or not key_added:
+        raise TypeError(f"`key_added` must be a non-empty column name, got {key_added!r}.")
     table = _table(sdata, table_key, "expression")
     if key_added in table.obs and not overwrite:
         raise KeyError(
@@ -232,6 +243,8 @@ def evaluate_localization(
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
 
+    check_sdata(sdata, "sth.tl.evaluate_localization", needs_image=False)
+    _check_measured_params(layer, None)
     pred = _predicted_table(sdata, predicted_key)
     meas = _measured_table(sdata, measured_key)
     flags = _labels(meas, labels, measured_key)
@@ -239,9 +252,14 @@ def evaluate_localization(
         recorded = pred.uns.get(score_key, {}).get("params", {}).get("markers")
         used = [str(g) for g in recorded] if recorded is not None else list(TUMOR_MARKERS)
         predicted_score = pred.obs[score_key].to_numpy(dtype=float)
+        if not np.all(np.isfinite(predicted_score)):
+            raise ValueError(
+                f"obs[{score_key!r}] of table {predicted_key!r} holds NaN or infinite scores; recompute it with "
+                f"`sth.tl.score_tumor(sdata, overwrite=True)`."
+            )
         source = f"obs[{score_key!r}]"
     else:
-        used = list(TUMOR_MARKERS if markers is None else markers)
+        used = list(TUMOR_MARKERS) if markers is None else _check_markers(markers)
         predicted_score, used, _ = _tumor_scores(pred, used, key=predicted_key)
         source = f"markers {used}"
     measured_score, measured_used, _ = _tumor_scores(meas, used, key=measured_key, layer=layer)
