@@ -197,6 +197,8 @@ def test_missing_image(tmp_path, c6_tables):
         sth.io.read_st(*c6_tables, missing, sample_id="C6")
     with pytest.raises(IsADirectoryError, match="is a folder"):
         sth.io.read_image(tmp_path, sample_id="S", pixel_size_um=0.5)
+    with pytest.raises(TypeError, match="image path must be a str or pathlib.Path, got ndarray"):
+        sth.io.read_image(np.zeros((4, 4, 3), np.uint8), sample_id="S", pixel_size_um=0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -685,6 +685,8 @@ def read_image_levels(path: str | Path) -> tuple[list[da.Array], float | None]:
     The pyramid levels as ``(c, y, x)`` dask arrays, finest first, and the micrometres per pixel of the finest level if
     the file records it (OME ``PhysicalSizeX``, Aperio ``MPP``, TIFF resolution tags), else ``None``.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"The image path must be a str or pathlib.Path, got {type(path).__name__}.")
     path = Path(path).expanduser()
     if path.is_dir():
         raise IsADirectoryError(f"Image path {str(path)!r} is a folder; give the image file inside it.")
