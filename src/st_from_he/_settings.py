@@ -35,6 +35,10 @@ class _Settings:
         window by window and not kept.
     progress_bar
         Show progress bars on long work.
+    max_image_pixels
+        Largest plain (JPEG, PNG, BMP) image, in pixels, that a reader decodes whole; larger files are refused with
+        an error that says how to convert them to a tiled pyramidal TIFF, which is read tile by tile. ``None``
+        lifts the cap. PIL's own decompression-bomb check stays on for everything else.
     """
 
     device: str = "auto"
@@ -43,6 +47,7 @@ class _Settings:
     cache_dir: Path = field(default_factory=_default_cache_dir)
     image_cache_gb: float = 4.0
     progress_bar: bool = True
+    max_image_pixels: int | None = 1_000_000_000
 
 
 settings = _Settings()

@@ -167,11 +167,12 @@ def attach_histology(
                 "layout (uns['spatial'][library_id]['images'])."
             )
         name, picture, scale = _scanpy_image(entry, library, None if image is None else image)
-        levels, source_image = array_levels(picture), f"the {name} image of uns['spatial'][{library!r}]"
+        source_image = f"the {name} image of uns['spatial'][{library!r}]"
+        levels = array_levels(picture, what=source_image)
     elif isinstance(image, str | Path):
         levels, file_pixel_size = read_image_levels(image)
     elif isinstance(image, np.ndarray):
-        levels = array_levels(image)
+        levels = array_levels(image, what="the image array")
     else:
         raise TypeError(
             f"`image` must be a file path, a (y, x, 3) array, 'hires'/'lowres' or None, got {type(image).__name__}."

@@ -13,7 +13,7 @@ import pandas as pd
 from st_from_he._logging import logger
 from st_from_he._validate import check_id, check_number, check_raw_counts
 
-from ._image import log_pixel_size, read_image_levels
+from ._image import _check_sample_id, log_pixel_size, read_image_levels
 from ._resolution import SPOT_DIAMETER_UM, check_pixel_size, implied_pixel_size, infer_pixel_size
 from ._section import build_section
 
@@ -84,6 +84,7 @@ def read_st(
     '10x15'
     """
     check_id(sample_id, "sample_id")
+    _check_sample_id(sample_id)
     check_id(patient_id, "patient_id", allow_none=True)
     pixel_size_um = check_number(pixel_size_um, "pixel_size_um")
     for label, path in (("counts", counts), ("spots", spots), ("image", image)):
