@@ -217,6 +217,7 @@ def pretrain_encoder(
 
     started = time.perf_counter()
     path = _check_path(path, overwrite)
+    dev = torch.device(resolve_device(device))
     sdatas = as_list(sdatas)
     _check_options(size_um, size_px, n_tiles, batch_size, lr, max_steps, max_epochs, max_time, mask_ratio)
     progress_bar = settings.progress_bar if progress_bar is None else progress_bar
@@ -261,7 +262,6 @@ def pretrain_encoder(
         "tiles": counts,
     }
 
-    dev = torch.device(resolve_device(device))
     mim = mim.to(dev)
     augmenter = BatchAugment(flips=augment, rot90=augment, mean=tuple(image_mean), std=tuple(image_std)).to(dev)
     optimizer = torch.optim.AdamW(mim.parameters(), lr=lr, weight_decay=weight_decay)
@@ -313,8 +313,6 @@ def pretrain_encoder(
                 bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}")
             epoch += 1
     bar.close()
-    if not rows:
-        raise ValueError(f"`max_time`={max_time} s ended training before its first step; give it more time.")
     _recalibrate_batchnorm(net, tiles_t, batch_images, batch_size, generator)
     history = pd.DataFrame(rows)
     params |= {"steps": len(rows), "epochs": epoch, "stopped_by": stop_reason}
