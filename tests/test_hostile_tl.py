@@ -357,3 +357,16 @@ def test_unknown_resolution_is_refused(split):
     sdata = SpatialData(images={"C6_image": image}, tables={"table": split[1].tables["table"].copy()})
     with pytest.raises(ValueError, match=r"no transformation to the micrometre coordinate system 'C6'.*resolution"):
         sth.pp.extract_patches(sdata)
+
+
+def test_prediction_table_with_a_spot_twice(predicted):
+    pred = predicted.tables["predicted_expression"]
+    predicted.tables["predicted_expression"] = pred[[0, 1, 2, 2]].copy()
+    with pytest.raises(ValueError, match="annotates some spots twice"):
+        sth.tl.evaluate(predicted)
+
+
+def test_reference_must_be_spatialdata(split):
+    sdata = _section(split[1])
+    with pytest.raises(TypeError, match=r"`sth.tl.predict_expression\(reference=...\)` takes a SpatialData, got an An"):
+        sth.tl.predict_expression(sdata, reference=split[0].tables["table"])

@@ -82,8 +82,13 @@ def spot_arrays(
 
     dataset = extract_patches(sdata, size_um=size_um, size_px=size_px, context=tuple(context), table_key=table_key)
     obs = pd.DataFrame({SAMPLE_KEY: np.asarray(dataset.samples).astype(str)}, index=dataset.obs_names)
-    idx = np.arange(len(dataset))
+    idx = np.arange(len(dataset))  # the dataset's items are the table's rows, in order
     if spots is not None:
+        if not obs.index.is_unique:
+            raise ValueError(
+                f"Table {table_key!r} has repeated obs_names, so `spots` cannot name its spots; make them unique "
+                f"first (`table.obs_names_make_unique()`)."
+            )
         idx = obs.index.get_indexer(list(spots))
         if (idx < 0).any():
             raise KeyError(f"Spots not found in the table: {list(np.asarray(spots)[idx < 0][:10])}.")
@@ -91,8 +96,7 @@ def spot_arrays(
     if patches.ndim == 4:  # one context scale: give every spot its scale axis
         patches = patches[:, None]
     table = sdata.tables[table_key]
-    rows = table.obs_names.get_indexer(obs.index[idx])
-    targets = measured_targets(table, genes, fill_missing_genes=fill_missing_genes, where=f" {table_key!r}")[rows]
+    targets = measured_targets(table, genes, fill_missing_genes=fill_missing_genes, where=f" {table_key!r}")[idx]
     return SpotArrays(patches, obs.iloc[idx], targets)
 
 

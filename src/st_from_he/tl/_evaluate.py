@@ -91,6 +91,9 @@ def _align(pred: AnnData, meas: AnnData, predicted_key: str, measured_key: str) 
     refused rather than scored on part of its spots. Where both tables hold spot centres (``obsm["spatial"]``), the
     matched spots must also lie at the same place (see :func:`_check_positions`).
     """
+    for table, key in ((pred, predicted_key), (meas, measured_key)):
+        if table.n_obs == 0:
+            raise ValueError(f"Table {key!r} has no spots.")
     pred_index = _spot_index(pred, predicted_key)
     meas_index = _spot_index(meas, measured_key)
     hit = meas_index.get_indexer(pred_index)

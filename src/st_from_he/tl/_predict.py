@@ -219,6 +219,8 @@ def _default_model(reference, *, table_key: str):
     from ._model import ExpressionModel
 
     parts = as_list(reference)
+    for part in parts:
+        check_sdata(part, "sth.tl.predict_expression(reference=...)")
     genes = list(dict.fromkeys(g for s in parts for g in select_genes(s, table_key=table_key)))
     shared = set.intersection(*(set(s.tables[table_key].var_names) for s in parts))
     genes = [g for g in genes if g in shared]
