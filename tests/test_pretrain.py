@@ -188,6 +188,8 @@ def test_he_only_slide_and_several_sdatas(c6, slide, tmp_path):
     alone = _run(slide, tmp_path / "slide.safetensors", size_px=32, n_tiles=None, max_epochs=1, batch_size=512)
     assert alone.tiles["0:slide_image"] > 300  # every tissue tile of C6 (17% of the slide), one step
     assert len(alone.history) == 1 and alone.params["stopped_by"] == "max_epochs"
+    timed = _run(slide, tmp_path / "timed.safetensors", size_px=32, n_tiles=32, max_time=1e-9)
+    assert len(timed.history) == 1 and timed.params["stopped_by"] == "max_time"  # the budget is checked between steps
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------------

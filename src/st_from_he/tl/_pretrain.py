@@ -159,8 +159,9 @@ def pretrain_encoder(
         ``"l1"`` or ``"l2"`` reconstruction error.
     max_steps, max_epochs, max_time
         Training stops at the first of: ``max_steps`` optimisation steps, ``max_epochs`` passes over the tiles,
-        ``max_time`` seconds of training. With neither ``max_steps`` nor ``max_epochs``, 10 epochs. The learning rate
-        follows a cosine schedule over the planned steps (a ``max_time`` stop cuts it short).
+        ``max_time`` seconds of training (at least one step is made). With neither ``max_steps`` nor ``max_epochs``,
+        10 epochs. The learning rate follows a cosine schedule over the planned steps (a ``max_time`` stop cuts it
+        short).
     batch_size
         Tiles per step.
     lr
@@ -286,7 +287,7 @@ def pretrain_encoder(
             for start in range(0, steps_per_epoch * batch_size, batch_size):
                 if step >= planned:
                     break
-                if max_time is not None and time.perf_counter() - train_start > max_time:
+                if max_time is not None and step > 0 and time.perf_counter() - train_start > max_time:
                     stop_reason = "max_time"
                     planned = step
                     break
