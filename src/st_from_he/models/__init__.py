@@ -19,6 +19,7 @@ from ._foundation import (
 from ._fusion import MaskedCrossModalFusion
 from ._heads import GeneEncoder, ProjectionHead, RegressionHead, SNNGeneTokens
 from ._losses import combine_losses, reconstruction_loss, soft_contrastive_loss
+from ._mim import MaskedImageModel, random_patch_mask
 from ._module import ExpressionModule
 from ._retrieval import retrieve
 
@@ -35,6 +36,7 @@ __all__ = [
     "GeneEncoder",
     "ImageEncoder",
     "MaskedCrossModalFusion",
+    "MaskedImageModel",
     "ModelConfig",
     "MultiScaleFusion",
     "NeighbourAttention",
@@ -46,6 +48,7 @@ __all__ = [
     "load_encoder_weights",
     "lower_resolution",
     "reconstruction_loss",
+    "random_patch_mask",
     "retrieve",
     "soft_contrastive_loss",
 ]

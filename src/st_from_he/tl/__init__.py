@@ -7,12 +7,14 @@ from ._gene_correlation import gene_correlation
 from ._gene_sets import BREAST_MARKERS, TUMOR_MARKERS, gene_set
 from ._model import ExpressionModel
 from ._predict import predict_expression
+from ._pretrain import PretrainResult, pretrain_encoder
 from ._tumor import evaluate_localization, score_tumor
 
 __all__ = [
     "BREAST_MARKERS",
     "TUMOR_MARKERS",
     "ExpressionModel",
+    "PretrainResult",
     "cross_validate",
     "embed",
     "evaluate",
@@ -21,5 +23,6 @@ __all__ = [
     "gene_correlation",
     "gene_set",
     "predict_expression",
+    "pretrain_encoder",
     "score_tumor",
 ]
