@@ -85,6 +85,16 @@ def test_evaluate_aligns_by_identity_on_a_shuffled_subset(predicted):
     np.testing.assert_allclose(per_gene.loc[np.array(genes)[varying], "pearson"], expected, atol=1e-6)
 
 
+def test_evaluate_accepts_centres_in_another_frame(predicted, prediction):
+    """Centres in micrometres with an offset (another method's table) still match: only ids naming other spots fail."""
+    pred = predicted.tables["predicted_expression"]
+    pred.obsm["spatial"] = pred.obsm["spatial"] * 0.688 + np.array([100.0, -50.0])
+    result = sth.tl.evaluate(predicted, gene_sets=["all"])
+    predicted.tables["predicted_expression"] = prediction.copy()
+    expected = sth.tl.evaluate(predicted, gene_sets=["all"])
+    np.testing.assert_allclose(result["per_gene"]["pearson"], expected["per_gene"]["pearson"])
+
+
 def test_evaluate_refuses_predicted_spots_missing_from_measured_table(predicted):
     meas = predicted.tables["table"]
     keep = np.r_[0:20, 30 : meas.n_obs]  # the measured table lost 10 spots after the prediction
@@ -109,7 +119,9 @@ def test_evaluate_refuses_instance_ids_that_name_other_spots(split, model):
     sth.tl.predict_expression(other, model, progress_bar=False)
     sdata = _section(test, full, predicted_expression=other.tables["predicted_expression"])
     # every predicted id exists in the measured table, but from the 21st on they name the neighbours' spots
-    with pytest.raises(ValueError, match=r"different positions to \d+ of 50 spots of region 'C6_spots'"):
+    with pytest.raises(
+        ValueError, match=r"place 30 of 50 spots of region 'C6_spots' that share an instance id at different positions"
+    ):
         sth.tl.evaluate(sdata)
 
 

@@ -126,9 +126,10 @@ def _check_positions(
 ) -> None:
     """Refuse matched spots whose centres disagree: their instance ids do not name the same spots in both tables.
 
-    Per region, the measured centres are mapped onto the predicted ones by a least-squares affine map (so tables in
-    other pixel frames or units still agree); a matched spot farther than half the spot spacing from where the map
-    puts it is another spot. This catches instance ids that are row numbers of two different readings of a section.
+    Per region, a matched spot is misplaced when it lies farther than half the spot spacing from its measured
+    centre, compared either as they are (same pixel frame, the usual case) or after the least-squares affine map of
+    the measured centres onto the predicted ones (tables in other frames or units); the comparison that misplaces
+    fewer spots counts. This catches instance ids that are row numbers of two different readings of a section.
     Regions with fewer than 4 matched spots, and tables without ``obsm["spatial"]``, are not checked.
     """
     from scipy.spatial import cKDTree
@@ -144,19 +145,24 @@ def _check_positions(
         if sel.sum() < 4:
             continue
         p, m = p_xy[sel], m_xy[sel]
+        spacing = float(np.median(cKDTree(p).query(p, k=2)[0][:, 1]))
+        if not spacing > 0:
+            continue
         design = np.column_stack([m, np.ones(len(m))])
         coef, *_ = np.linalg.lstsq(design, p, rcond=None)
-        residual = np.linalg.norm(design @ coef - p, axis=1)
-        spacing = float(np.median(cKDTree(p).query(p, k=2)[0][:, 1]))
-        off = residual > 0.5 * spacing
-        if spacing > 0 and off.any():
-            first = int(np.flatnonzero(off)[0])
-            spot = pred.obs[_keys(pred)[1]].to_numpy()[pred_rows[sel][first]]
+        distance = min(
+            (np.linalg.norm(m - p, axis=1), np.linalg.norm(design @ coef - p, axis=1)),
+            key=lambda d: int((d > 0.5 * spacing).sum()),
+        )
+        off = distance > 0.5 * spacing
+        if off.any():
+            worst = int(np.argmax(distance))
+            spot = pred.obs[_keys(pred)[1]].astype(str).to_numpy()[pred_rows[sel][worst]]
             raise ValueError(
-                f"Tables {predicted_key!r} and {measured_key!r} give different positions to {int(off.sum())} of "
-                f"{int(sel.sum())} spots of region {region!r} that share an instance id (e.g. spot {spot!r} at "
-                f"{np.round(p[first], 1).tolist()} in obsm['spatial'] of {predicted_key!r} but "
-                f"{np.round(m[first], 1).tolist()} in {measured_key!r}): the instance ids do not name the same spots, "
+                f"Tables {predicted_key!r} and {measured_key!r} place {int(off.sum())} of {int(sel.sum())} spots of "
+                f"region {region!r} that share an instance id at different positions (e.g. spot {spot!r} at "
+                f"{np.round(p[worst], 1).tolist()} in obsm['spatial'] of {predicted_key!r} but "
+                f"{np.round(m[worst], 1).tolist()} in {measured_key!r}): the instance ids do not name the same spots, "
                 f"so scores would compare different spots. This happens when a section is read again with other "
                 f"spots and ids are row numbers; predict again from the measured table you evaluate against."
             )
