@@ -55,7 +55,9 @@ class ExpressionModel:
       cross-modal reconstruction, ``log(1 + L)`` losses, AdamW 1e-4 / 1e-3, cosine schedule, flips and 90-degree
       rotations, retrieval of the top 50 training spots).
     - ``"ridge"``: ridge regression on hand-crafted colour, stain and texture features (spot and 3x context).
-    - ``"ridge_encoder"``: ridge regression on pooled features of a frozen (by default random-init) resnet18.
+    - ``"ridge_encoder"``: ridge regression on pooled features of a frozen resnet18 (or any ``encoder=``), by
+      default randomly initialised from :meth:`fit`'s ``seed``; a saved model rebuilds the same encoder and checks
+      its fingerprint.
     - ``"mean"``: the mean training expression everywhere.
 
     A spot's prediction depends on its own patches only, never on the batch size or the order of the spots, with
@@ -217,9 +219,10 @@ class ExpressionModel:
         table_key
             Table holding the measured raw counts.
         max_epochs
-            Training epochs (neural presets); default: the preset's.
+            Training epochs (neural presets, at least 1); default: the preset's.
         batch_size
-            Spots per batch (the contrastive loss's negatives); default: the preset's (64).
+            Spots per batch (the contrastive loss's negatives, so at least 2 for contrastive presets); default: the
+            preset's (64).
         lr
             Learning rate; default: the preset's.
         val_fraction
@@ -232,10 +235,10 @@ class ExpressionModel:
             Passed to :class:`lightning.pytorch.Trainer`; ``"auto"`` uses a GPU with bf16 mixed precision when one
             is available.
         seed
-            Seeds the split, the initialisation, the augmentations and the batch order; on CPU a fixed seed gives
-            identical models.
+            Seeds the split, the initialisation (also of the ``"ridge_encoder"`` preset's random-init encoder), the
+            augmentations and the batch order; on CPU a fixed seed gives identical models.
         patience
-            Stop after this many epochs without a lower validation loss (``None``: never).
+            Stop after this many epochs (at least 1) without a lower validation loss (``None``: never).
         max_time
             Stop training after this many seconds (a compute budget), keeping the best weights so far.
         progress_bar
@@ -502,7 +505,7 @@ class ExpressionModel:
         device
             Torch device; ``"auto"`` picks a GPU when available; ``None`` uses :attr:`device`.
         batch_size
-            Patches per forward pass; memory stays bounded by it.
+            Patches per forward pass; memory stays bounded by it, and the predictions do not depend on it.
         progress_bar
             Show progress; default ``sth.settings.progress_bar``.
 
@@ -675,11 +678,11 @@ class ExpressionModel:
                 preset=meta["preset"],
                 size_um=meta["size_um"],
                 blend_ridge=meta.get("blend_ridge", False) if meta["preset"] in NEURAL_PRESETS else None,
-                **{k: v for k, v in config.items() if k not in ("features", "patch_um")},
+                **{k: v for k, v in config.items() if k != "patch_um"},  # size_um carries the patch size
             )
         except (TypeError, ValueError) as err:
             raise ValueError(f"{str(path / _CONFIG_FILE)!r} does not describe a valid model: {err}") from err
-        model.blend = meta.get("blend")
+        model.blend = _blend_weights(meta.get("blend"), model)
         model.training_info = meta.get("training", {})
         model.history = None if meta.get("history") is None else pd.DataFrame(meta["history"])
         arrays = _read_arrays(path / _ARRAYS_FILE)
@@ -712,7 +715,7 @@ class ExpressionModel:
                     )
                 model._probe.check_encoder()
         except ValueError as err:
-            raise ValueError(f"{str(path / _ARRAYS_FILE)!r} does not fit the model in {_CONFIG_FILE}: {err}") from err
+            raise ValueError(f"{str(path / _ARRAYS_FILE)!r} and {_CONFIG_FILE} do not fit together: {err}") from err
         model.device = device
         return model
 
@@ -798,6 +801,16 @@ def _jsonable(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
+
+
+def _blend_weights(blend, model: ExpressionModel) -> dict[str, float] | None:
+    """The saved blend as component weights; the first saved models kept one weight of regression vs retrieval."""
+    if not model.is_neural or isinstance(blend, dict):
+        return blend
+    regression, retrieval = model.config.regression_head, model.config.contrastive
+    if blend is None or not (regression and retrieval):  # a single component was predicted alone
+        return {"regression": 1.0} if regression and not retrieval else {"retrieval": 1.0}
+    return {"regression": float(blend), "retrieval": 1.0 - float(blend)}
 
 
 def _check_genes(genes) -> list[str]:
