@@ -30,7 +30,7 @@ from spatialdata.models import TableModel
 
 import st_from_he.pl as pl
 from st_from_he.pl._metrics import _tidy
-from st_from_he.pl._utils import overview_image
+from st_from_he.pl._layout import spot_layout
 from st_from_he.tl._evaluate import evaluate
 from st_from_he.tl._tumor import score_tumor
 
@@ -264,7 +264,7 @@ def test_training_history_from_model_and_dict(history):
     model.history = None
     with pytest.raises(ValueError, match="no training history"):
         pl.training_history(model)
-    with pytest.raises(ValueError, match="one panel"):
+    with pytest.raises(ValueError, match="takes 3 Axes, got 1"):
         pl.training_history(history, ax=plt.subplots()[1])
     with pytest.raises(KeyError, match="No history column"):
         pl.training_history(history, keys=["val_accuracy"])
@@ -273,16 +273,23 @@ def test_training_history_from_model_and_dict(history):
 
 def test_overview_reads_a_coarse_level_and_maps_to_full_resolution(sdata):
     table = sdata.tables["table"]
-    xy = table.obsm["spatial"][table.obs["sample"] == "C6"]
+    rows = np.flatnonzero(table.obs["sample"] == "C6")
+    layout = spot_layout(sdata, table, rows, sample="C6")
+    circles = sdata.shapes["C6_spots"].loc[table.obs["spot_id"].to_numpy()[rows]]
+    np.testing.assert_allclose(layout.xy, np.c_[circles.geometry.x, circles.geometry.y])  # C6_image pixels
+    assert layout.radius == pytest.approx(circles["radius"].median())
+    assert layout.um_per_unit == pytest.approx(0.688, abs=0.001)
+    xy = layout.xy
     bounds = (xy[:, 0].min(), xy[:, 0].max(), xy[:, 1].min(), xy[:, 1].max())
-    rgb, (left, right, bottom, top) = overview_image(sdata, "C6", bounds)
+    rgb, (left, right, bottom, top) = layout.overview(bounds)
     assert rgb.dtype == np.uint8 and rgb.shape[-1] == 3 and max(rgb.shape[:2]) <= 1500
     full_h, full_w = sdata.images["C6_image"]["scale0"]["image"].shape[-2:]
     assert left <= bounds[0] < bounds[1] <= right <= full_w and top <= bounds[2] < bounds[3] <= bottom <= full_h
     assert (right - left) / rgb.shape[1] == pytest.approx(
         full_w / sdata.images["C6_image"][sorted(sdata.images["C6_image"].children)[-1]]["image"].shape[-1]
     )
-    assert overview_image(sdata, "C5", bounds) is None  # no image: spots are drawn alone
+    c5 = np.flatnonzero(table.obs["sample"] == "C5")
+    assert spot_layout(sdata, table, c5, sample="C5").overview(bounds) is None  # no image: spots are drawn alone
 
 
 def test_section_without_image_draws_spots_only(sdata):

@@ -11,9 +11,12 @@ import numpy as np
 from st_from_he._docs import inject_docs
 from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY
 
-from ._utils import finish, styled
+from ._layout import check_data
+from ._utils import finish, given_axes, plot_docs, styled, titled
 
 if TYPE_CHECKING:
+    from anndata import AnnData
+    from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from spatialdata import SpatialData
 
@@ -40,10 +43,12 @@ def _cluster_order(corr: np.ndarray) -> np.ndarray:
 
 @styled
 @inject_docs
+@plot_docs(" (two: measured, predicted)")
 def gene_correlation(
-    sdata: SpatialData,
+    data: SpatialData | AnnData,
     genes: str | Sequence[str] = "heg",
     *,
+    predicted: AnnData | None = None,
     sample: str | None = None,
     predicted_key: str = PREDICTED_KEY,
     measured_key: str = TABLE_KEY,
@@ -53,9 +58,11 @@ def gene_correlation(
     normalize: bool | None = None,
     cluster: bool = True,
     cmap: str = "RdBu_r",
-    return_fig: bool = False,
+    ax: Sequence[Axes] | None = None,
+    show: bool | None = None,
     save: str | Path | None = None,
-) -> Figure | None:
+    return_fig: bool = False,
+) -> Figure | list[Axes] | None:
     """Heatmaps of the measured and the predicted gene-gene correlation of one section, in the same gene order.
 
     The matrices are those of :func:`st_from_he.tl.gene_correlation` (Pearson across the section's spots). Genes
@@ -65,17 +72,21 @@ def gene_correlation(
 
     Parameters
     ----------
-    sdata
-        Data holding the prediction and the measured table.
+    data
+        A SpatialData holding the prediction and the measured table, or the measured table as an AnnData with the
+        prediction passed as ``predicted``.
     genes
         A list of genes or a gene set chosen on the section's measured data: ``"heg"``, ``"hvg"``, ``"markers"``
         or ``"all"``.
+    predicted
+        Table of predicted expression; required with an AnnData ``data``, and used instead of the table
+        ``predicted_key`` of a SpatialData.
     sample
         Section to draw; required when the tables cover several.
     predicted_key
-        Table of predicted expression.
+        Table of predicted expression in the SpatialData.
     measured_key
-        Table of measured raw counts.
+        Table of measured raw counts in the SpatialData.
     n_genes
         Size of the ``"heg"`` and ``"hvg"`` sets.
     markers
@@ -98,8 +109,14 @@ def gene_correlation(
 
     from st_from_he.tl._gene_correlation import _gene_correlation
 
+    from ._spatial import _paired_tables
+
+    function = "sth.pl.gene_correlation"
+    check_data(data, function)
+    axes = given_axes(ax, 2, "gene_correlation (measured, predicted)")
+    store, _ = _paired_tables(data, predicted, predicted_key, measured_key, function)
     res = _gene_correlation(
-        sdata,
+        store,
         genes=genes,
         predicted_key=predicted_key,
         measured_key=measured_key,
@@ -119,8 +136,12 @@ def gene_correlation(
     fontsize = min(8.0, cell * 72 * 0.72)
     show_labels = fontsize >= 3.5
     label_room = (max(len(str(g)) for g in names) * fontsize * 0.62 / 72 + 0.15) if show_labels else 0.2
-    fig = plt.figure(figsize=(2 * side + 2 * label_room + 1.0, side + label_room + 0.8), layout="constrained")
-    axes = fig.subplots(1, 2)
+    own = axes is None
+    if own:
+        fig = plt.figure(figsize=(2 * side + 2 * label_room + 1.0, side + label_room + 0.8), layout="constrained")
+        axes = fig.subplots(1, 2)
+    else:
+        fig = axes[0].figure
     norm = Normalize(-1.0, 1.0)
     im = None
     for ax, matrix, title in ((axes[0], measured, "Measured"), (axes[1], predicted, "Predicted")):
@@ -140,8 +161,22 @@ def gene_correlation(
             ax.set_xlabel(f"{n} genes")
     fig.colorbar(im, ax=axes.tolist(), shrink=0.6, pad=0.02, label="Pearson r")
     what = _SET_NAMES.get(res["gene_set"], "genes")
-    fig.suptitle(
-        f"{res['sample']}: gene-gene correlation of {n} {what}\n"
-        f"preservation r = {res['preservation']:.2f}, mean |difference| = {res['mean_abs_diff']:.2f}"
+    sample = None if res["sample"] == "spots" and not _names_sections(data) else res["sample"]
+    text = (
+        titled(sample, f"gene-gene correlation of {n} {what}")
+        + f"\npreservation r = {res['preservation']:.2f}, mean |difference| = {res['mean_abs_diff']:.2f}"
     )
-    return finish(fig, save=save, return_fig=return_fig)
+    if own:
+        fig.suptitle(text)
+    else:  # the caller's figure keeps its title: the scores go above the predicted panel
+        axes[1].set_title(f"Predicted\npreservation r = {res['preservation']:.2f}")
+    return finish(fig, axes, show=show, save=save, return_fig=return_fig, own_figure=own)
+
+
+def _names_sections(data) -> bool:
+    """Whether an AnnData (or SpatialData) table names its sections (a plain scanpy table does not)."""
+    from anndata import AnnData
+
+    from ._layout import table_samples
+
+    return not isinstance(data, AnnData) or table_samples(data) is not None

@@ -11,7 +11,7 @@ import pandas as pd
 
 from st_from_he._docs import inject_docs
 
-from ._utils import finish, new_figure, styled
+from ._utils import finish, given_axes, new_figure, plot_docs, styled
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -72,6 +72,7 @@ def _panels(df: pd.DataFrame, keys: Sequence[str] | None) -> dict[str, dict[str,
 
 @styled
 @inject_docs
+@plot_docs(" (one per loss panel)")
 def training_history(
     history,
     *,
@@ -79,11 +80,12 @@ def training_history(
     log_y: bool = False,
     mark_best: bool = True,
     ncols: int = 3,
-    ax: Axes | None = None,
     title: str | None = None,
-    return_fig: bool = False,
+    ax: Axes | Sequence[Axes] | None = None,
+    show: bool | None = None,
     save: str | Path | None = None,
-) -> Figure | None:
+    return_fig: bool = False,
+) -> Figure | Axes | list[Axes] | None:
     """Training and validation losses per epoch, one panel per loss.
 
     Columns named ``train_<loss>`` and ``val_<loss>`` (also ``<loss>_train``/``<loss>_val``) are paired in one
@@ -104,11 +106,9 @@ def training_history(
     mark_best
         Mark the epoch of the lowest validation loss.
     ncols
-        Panels per row.
-    ax
-        Axes to draw into (only when there is one panel, e.g. with ``keys=["train_loss", "val_loss"]``).
+        Panels per row (new figure only).
     title
-        Figure title; default ``"Training history"``.
+        Figure title (the panel's title with a given single ``ax``); default ``"Training history"``.
     {plot_output}
 
     Examples
@@ -127,10 +127,11 @@ def training_history(
         val = panels.get("loss", {}).get("val") or next((p["val"] for p in panels.values() if "val" in p), None)
         if val is not None and df[val].notna().any():
             best = int(df.loc[df[val].idxmin(), "epoch"])
-    if ax is not None:
-        if len(panels) > 1:
-            raise ValueError(f"`ax` takes one panel, but there are {len(panels)} losses; choose one with `keys=`.")
-        fig, axes = ax.figure, np.array([[ax]])
+    given = given_axes(
+        ax, len(panels), f"training_history with {len(panels)} loss panel(s) {list(panels)} (choose some with `keys=`)"
+    )
+    if given is not None:
+        fig, axes = given[0].figure, given
     else:
         ncols = max(1, min(ncols, len(panels)))
         nrows = int(np.ceil(len(panels) / ncols))
@@ -164,8 +165,8 @@ def training_history(
         a.xaxis.get_major_locator().set_params(integer=True)
         if i == 0:
             a.legend(loc="best")
-    if ax is None:
+    if given is None:
         fig.suptitle(title or "Training history")
-    elif title:
-        ax.set_title(title)
-    return finish(fig, save=save, return_fig=return_fig)
+    elif title and len(given) == 1:
+        given[0].set_title(title)
+    return finish(fig, axes, show=show, save=save, return_fig=return_fig, own_figure=given is None)

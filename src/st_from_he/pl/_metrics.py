@@ -11,7 +11,7 @@ import pandas as pd
 
 from st_from_he._docs import inject_docs
 
-from ._utils import finish, new_figure, styled
+from ._utils import finish, given_axes, new_figure, plot_docs, styled
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -93,6 +93,7 @@ def _ordered(values: Sequence[str], preferred: Sequence[str] = ()) -> list[str]:
 
 @styled
 @inject_docs
+@plot_docs(" (one)")
 def metrics(
     results: pd.DataFrame | Mapping,
     *,
@@ -102,9 +103,10 @@ def metrics(
     title: str | None = "Predicted vs measured expression",
     palette: Sequence | str | None = None,
     ax: Axes | None = None,
-    return_fig: bool = False,
+    show: bool | None = None,
     save: str | Path | None = None,
-) -> Figure | None:
+    return_fig: bool = False,
+) -> Figure | Axes | None:
     """Pearson correlation (PCC) of predictions by gene set, per method and per section.
 
     ``kind="bar"``: a bar per gene set and method at the mean over sections of each section's mean PCC, with a dot
@@ -130,8 +132,6 @@ def metrics(
         Axes title (``None`` for none).
     palette
         Colours of the methods: a list or a colormap name; default ``tab10``.
-    ax
-        Axes to draw into; a new figure otherwise.
     {plot_output}
 
     Examples
@@ -161,11 +161,13 @@ def metrics(
         colors = [cmap(i % cmap.N) for i in range(len(names))]
     else:
         colors = list(palette)
-    if ax is None:
+    given = given_axes(ax, 1, "metrics")
+    if given is None:
         width = max(3.2, 0.9 + len(sets) * (0.35 + 0.3 * len(names)))
         fig, axes = new_figure(1, 1, panel_size=(width, 3.0))
         ax = axes[0, 0]
     else:
+        ax = given[0]
         fig = ax.figure
     group_width = 0.8
     bar_width = group_width / len(names)
@@ -225,4 +227,4 @@ def metrics(
         bbox_to_anchor=(1.01, 1.0),
         borderaxespad=0.0,
     )
-    return finish(fig, save=save, return_fig=return_fig)
+    return finish(fig, [ax], show=show, save=save, return_fig=return_fig, own_figure=given is None)

@@ -1,4 +1,4 @@
-"""Shared plotting helpers: one house style, saving, the section image at overview resolution, spots as circles."""
+"""Shared plotting helpers: one house style, axes given or made, showing and saving, spots over their image."""
 
 from __future__ import annotations
 
@@ -9,13 +9,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from st_from_he._sdata import SAMPLE_KEY, image_key
-
 if TYPE_CHECKING:
-    from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
-    from spatialdata import SpatialData
+
+    from ._layout import Overview, SpotLayout
 
 STYLE = {
     "font.size": 9,
@@ -41,8 +39,50 @@ STYLE = {
 """Matplotlib settings every ``sth.pl`` function draws with."""
 
 EXPRESSION_LABEL = "log1p(CP10k)"
-OVERVIEW_MAX_SIDE = 1500
-"""The overview image is the finest pyramid level whose longer side is at most this many pixels."""
+
+PLOT_DOCS = {
+    "plot_output": """\
+    ax
+        Axes to draw into{ax_note}; a new figure otherwise.
+    show
+        Show the figure (:func:`matplotlib.pyplot.show`). ``None``: show it unless ``return_fig`` or ``ax`` is
+        given (scanpy's convention).
+    save
+        File to save the figure to (format from the suffix, e.g. ``.png``, ``.pdf``, ``.svg``).
+    return_fig
+        Return the :class:`~matplotlib.figure.Figure`.
+
+    Returns
+    -------
+    The figure if ``return_fig``; else the axes drawn into when the figure is not shown; else ``None``.""",
+    "image_params": """\
+    image
+        What to draw under the spots. ``True``: the section's image, found through the shapes' coordinate systems
+        (none found, e.g. for an AnnData without ``uns["spatial"]``: spots alone); ``False``: spots alone; the name of
+        an image element (for an AnnData: of an image in ``uns["spatial"][library]["images"]``, e.g. ``"hires"``);
+        or an image itself: an array (``y, x[, c]`` or ``c, y, x``) or an image element, whose pixels are the spot
+        positions' units times ``scale_factor``.
+    scale_factor
+        Image pixels per unit of the spot positions, for an image passed as an array or element (default 1) or an
+        AnnData's ``uns["spatial"]`` image (default its ``tissue_{{res}}_scalef``).
+    spatial_key
+        For an AnnData only: ``obsm`` key of the spot positions. With a SpatialData, positions always come from the
+        shapes the table annotates and their transformations, never from ``obsm`` (which, e.g., squidpy rewrites).""",
+}
+"""Docstring fragments of the plots (``{name}`` placeholders)."""
+
+
+def plot_docs(ax_note: str = ""):
+    """Fill :data:`PLOT_DOCS` placeholders of a plot's docstring; ``ax_note`` says what ``ax`` takes."""
+
+    def decorate(func):
+        doc = func.__doc__ or ""
+        for name, text in PLOT_DOCS.items():
+            doc = doc.replace(f"    {{{name}}}", text.replace("{ax_note}", ax_note).replace("{{res}}", "{res}"))
+        func.__doc__ = doc
+        return func
+
+    return decorate
 
 
 def styled(func):
@@ -69,17 +109,66 @@ def new_figure(nrows: int = 1, ncols: int = 1, *, panel_size: tuple[float, float
     return fig, axes
 
 
-def finish(fig: Figure, *, save: str | Path | None, return_fig: bool, dpi: int | None = None):
-    """Save ``fig`` if asked; return it if asked, else ``None`` (Jupyter shows it either way)."""
+def given_axes(ax, n: int, what: str) -> np.ndarray | None:
+    """``ax`` (one Axes or a sequence) as a flat array of ``n`` Axes; ``None`` when no axes are given."""
+    from matplotlib.axes import Axes
+
+    if ax is None:
+        return None
+    axes = np.array([ax], dtype=object) if isinstance(ax, Axes) else np.asarray(list(np.ravel(ax)), dtype=object)
+    if not all(isinstance(a, Axes) for a in axes):
+        raise TypeError(f"`ax` must be a matplotlib Axes or a sequence of Axes, got {type(ax).__name__}.")
+    if len(axes) != n:
+        raise ValueError(f"`ax`: {what} takes {n} Axes, got {len(axes)}.")
+    return axes
+
+
+def finish(
+    fig: Figure,
+    axes,
+    *,
+    show: bool | None,
+    save: str | Path | None,
+    return_fig: bool,
+    own_figure: bool,
+    dpi: int | None = None,
+):
+    """Save, show and return as scanpy does: the figure if ``return_fig``, else the axes when not shown, else ``None``.
+
+    ``show=None`` shows the figure only when this function made it and the caller does not take it back.
+    """
+    import matplotlib.pyplot as plt
+
     if save is not None:
+        if not isinstance(save, str | Path):
+            raise TypeError(f"`save` must be a file path, got {type(save).__name__} {save!r}.")
         save = Path(save)
         save.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(save, dpi=dpi)
-    return fig if return_fig else None
+    if show is None:
+        show = own_figure and not return_fig
+    if show:
+        plt.show()
+    if return_fig:
+        return fig
+    if show:
+        return None
+    axes = [a for a in np.ravel(np.asarray(axes, dtype=object)) if a.get_visible()]
+    return axes[0] if len(axes) == 1 else axes
 
 
-def resolve_sample(available: Sequence[str], sample: str | None, what: str) -> str:
-    """``sample`` if it is among ``available``; the only sample when ``None``; a clear error otherwise."""
+def resolve_sample(available: Sequence[str] | None, sample: str | None, what: str) -> str | None:
+    """``sample`` if it is among ``available``; the only sample when ``None``; a clear error otherwise.
+
+    ``available`` is ``None`` for a table that names no section (no ``obs["sample"]`` and no region): all its rows
+    are one section, and ``sample`` must be ``None``.
+    """
+    if available is None:
+        if sample is not None:
+            raise KeyError(
+                f"{what} names no sections (no obs['sample'] and no region column), so `sample` cannot apply."
+            )
+        return None
     available = list(dict.fromkeys(available))
     if not available:
         raise ValueError(f"{what} has no spots.")
@@ -92,104 +181,36 @@ def resolve_sample(available: Sequence[str], sample: str | None, what: str) -> s
     return sample
 
 
-def table_samples(table: AnnData) -> np.ndarray:
-    """Sample of every row of a table (the region when there is no ``obs["sample"]``)."""
-    from st_from_he.tl._evaluate import _keys
-
-    if SAMPLE_KEY in table.obs:
-        return table.obs[SAMPLE_KEY].astype(str).to_numpy()
-    return table.obs[_keys(table)[0]].astype(str).to_numpy()
-
-
-def _levels(element) -> list:
-    """The ``(c, y, x)`` DataArrays of an image element, finest first."""
-    import xarray as xr
-
-    if isinstance(element, xr.DataArray):
-        return [element]
-    names = sorted(element.children, key=lambda name: int("".join(ch for ch in name if ch.isdigit()) or 0))
-    return [next(iter(element[name].to_dataset().data_vars.values())) for name in names]
-
-
-def overview_image(
-    sdata: SpatialData,
-    sample: str,
-    bounds: tuple[float, float, float, float] | None = None,
-    *,
-    max_side: int = OVERVIEW_MAX_SIDE,
-) -> tuple[np.ndarray, tuple[float, float, float, float]] | None:
-    """The section's H&E at overview resolution, cropped to ``bounds`` (``x0, x1, y0, y1`` in full-resolution pixels).
-
-    Picks the finest pyramid level whose longer side is at most ``max_side`` (else the coarsest, strided), so a
-    whole-slide image is never read at full resolution. Returns ``(rgb, extent)`` with ``rgb`` a ``(y, x, 3)`` uint8
-    array and ``extent`` its ``(left, right, bottom, top)`` in full-resolution pixels for :meth:`~Axes.imshow`, or
-    ``None`` when the section has no image.
-    """
-    key = image_key(sample)
-    if key not in sdata.images:
-        return None
-    levels = _levels(sdata.images[key])
-    full_h, full_w = levels[0].shape[-2:]
-    level = next((lvl for lvl in levels if max(lvl.shape[-2:]) <= max_side), levels[-1])
-    data = level.data
-    stride = max(1, int(np.ceil(max(data.shape[-2:]) / (2 * max_side))))
-    if stride > 1:
-        data = data[:, ::stride, ::stride]
-    h, w = data.shape[-2:]
-    sy, sx = full_h / h, full_w / w  # full-resolution pixels per overview pixel
-    x0, x1, y0, y1 = (0.0, float(full_w), 0.0, float(full_h)) if bounds is None else bounds
-    c0, c1 = max(0, int(np.floor(x0 / sx))), min(w, int(np.ceil(x1 / sx)))
-    r0, r1 = max(0, int(np.floor(y0 / sy))), min(h, int(np.ceil(y1 / sy)))
-    if c1 <= c0 or r1 <= r0:
-        return None
-    crop = np.asarray(data[:3, r0:r1, c0:c1])
-    rgb = np.moveaxis(crop, 0, -1)
-    if rgb.dtype != np.uint8:
-        rgb = np.clip(rgb, 0, 255).astype(np.uint8)
-    return rgb, (c0 * sx, c1 * sx, r1 * sy, r0 * sy)
-
-
-def spot_radius(sdata: SpatialData, table: AnnData, rows: np.ndarray, xy: np.ndarray) -> float:
-    """Spot radius in full-resolution pixels: from the circles the rows annotate, else 45% of the spot spacing."""
-    from st_from_he.tl._evaluate import _keys
-
-    region_key, _ = _keys(table)
-    regions = table.obs[region_key].astype(str).to_numpy()[rows]
-    for region in dict.fromkeys(regions):
-        if region in sdata.shapes and "radius" in sdata.shapes[region]:
-            return float(np.median(sdata.shapes[region]["radius"]))
-    if len(xy) < 2:
-        return 50.0
-    from scipy.spatial import cKDTree
-
-    dist, _ = cKDTree(xy).query(xy, k=2)
-    return 0.45 * float(np.median(dist[:, 1]))
+def titled(sample: str | None, text: str) -> str:
+    """``"{sample}: {text}"``, or ``text`` alone when the section has no name."""
+    return text if sample is None else f"{sample}: {text}"
 
 
 def spot_bounds(xy: np.ndarray, radius: float, margin: float = 1.5) -> tuple[float, float, float, float]:
     """``x0, x1, y0, y1`` around the spots, with ``margin`` spot radii to spare."""
     pad = margin * radius
-    return xy[:, 0].min() - pad, xy[:, 0].max() + pad, xy[:, 1].min() - pad, xy[:, 1].max() + pad
+    lo, hi = np.nanmin(xy, axis=0), np.nanmax(xy, axis=0)
+    return float(lo[0] - pad), float(hi[0] + pad), float(lo[1] - pad), float(hi[1] + pad)
 
 
 def draw_section(
     ax: Axes,
-    sdata: SpatialData,
-    sample: str,
-    xy: np.ndarray,
-    radius: float,
+    layout: SpotLayout,
     values: np.ndarray | None = None,
     *,
+    radius: float | None = None,
     cmap=None,
     norm=None,
-    image: tuple[np.ndarray, tuple] | None = None,
+    image: Overview | None = None,
     image_alpha: float = 1.0,
     spot_alpha: float = 1.0,
     scalebar: bool = True,
 ):
-    """Draw the H&E overview (if any) and the spots coloured by ``values``; returns the spots' collection."""
+    """Draw the image overview (if any) and the spots coloured by ``values``; returns the spots' collection."""
     from matplotlib.collections import EllipseCollection
 
+    xy = layout.xy
+    radius = layout.radius if radius is None else radius
     bounds = spot_bounds(xy, radius)
     if image is not None:
         rgb, extent = image
@@ -219,8 +240,8 @@ def draw_section(
     ax.set_yticks([])
     for side in ax.spines.values():
         side.set_visible(False)
-    if scalebar:
-        add_scalebar(ax, sdata, sample, bounds, xy, radius)
+    if scalebar and layout.um_per_unit is not None:
+        add_scalebar(ax, layout.um_per_unit, bounds, xy, radius)
     return spots
 
 
@@ -245,30 +266,17 @@ def _free_corner(xy: np.ndarray, radius: float, bounds: tuple[float, float, floa
 
 def add_scalebar(
     ax: Axes,
-    sdata: SpatialData,
-    sample: str,
+    um: float,
     bounds: tuple[float, float, float, float],
     xy: np.ndarray | None = None,
     radius: float = 0.0,
 ) -> None:
     """A scale bar of a round length (about a fifth of the view) in the corner with fewest spots.
 
-    Drawn when the section's resolution is known (from its image, else its spots).
+    ``um`` is micrometres per data unit of ``ax``.
     """
     from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
-    from st_from_he._sdata import pixel_size_um, spots_key
-
-    um = None
-    for key in (image_key(sample), spots_key(sample)):
-        if key in sdata.images or key in sdata.shapes:
-            try:
-                um = pixel_size_um(sdata, key, sample)
-                break
-            except (ValueError, KeyError):
-                continue
-    if um is None:
-        return
     width, height = bounds[1] - bounds[0], bounds[3] - bounds[2]
     target = width * um / 5
     length = max(v for v in (10, 20, 50, 100, 200, 250, 500, 1000, 2000, 5000, 10000) if v <= max(target, 10))
@@ -298,26 +306,3 @@ def add_scalebar(
 def colorbar_shrink(axes_height_in: float, longest_in: float = 3.0, default: float = 0.8) -> float:
     """Fraction of the axes height a colour bar takes: ``default``, but at most ``longest_in`` inches long."""
     return float(min(default, longest_in / max(axes_height_in, 1e-6)))
-
-
-def spot_centres(sdata: SpatialData, table: AnnData, rows: np.ndarray) -> np.ndarray:
-    """Centres (x, y in full-resolution pixels) of table ``rows``: ``obsm["spatial"]``, else the circles annotated."""
-    from st_from_he._sdata import SPATIAL_KEY
-    from st_from_he.tl._evaluate import _keys
-
-    if SPATIAL_KEY in table.obsm:
-        return np.asarray(table.obsm[SPATIAL_KEY], dtype=float)[rows, :2]
-    region_key, instance_key = _keys(table)
-    out = np.full((len(rows), 2), np.nan)
-    regions = table.obs[region_key].astype(str).to_numpy()[rows]
-    ids = table.obs[instance_key].to_numpy()[rows]
-    for region in dict.fromkeys(regions):
-        if region not in sdata.shapes:
-            raise KeyError(
-                f"Table rows annotate {region!r}, which is not a shapes element, and obsm['spatial'] is absent."
-            )
-        geometry = sdata.shapes[region].geometry
-        mask = regions == region
-        points = geometry.loc[ids[mask]]
-        out[mask] = np.c_[points.x.to_numpy(), points.y.to_numpy()]
-    return out
