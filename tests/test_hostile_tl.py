@@ -270,6 +270,12 @@ _BAD_ARGUMENTS = [
     ("normalize target_sum=0", lambda s, m: sth.pp.normalize(s, target_sum=0), ValueError, "`target_sum` must"),
     ("cross_validate table_key", lambda s, m: sth.tl.cross_validate(s, table_key="x"), KeyError, "tables present"),
     ("cross_validate n_genes", lambda s, m: sth.tl.cross_validate(s, n_genes=0), ValueError, "`n_genes` must"),
+    (
+        "few_shot n_train_spots='50'",
+        lambda s, m: sth.tl.few_shot(s, test="C6", presets=["mean"], n_train_spots="50"),
+        TypeError,
+        "`n_train_spots` must be a positive integer",
+    ),
     ("score_tumor layer=1", lambda s, m: sth.tl.score_tumor(s, layer=1), TypeError, "`layer` must be"),
 ]
 

@@ -310,8 +310,7 @@ def few_shot(
     fit_kwargs = _check_fit_kwargs(fit_kwargs)
     sets = _check_gene_sets(gene_sets)
     sizes = _check_sizes(n_train_spots)
-    if int(n_repeats) != n_repeats or n_repeats < 1:
-        raise ValueError(f"`n_repeats` must be a positive integer, got {n_repeats}.")
+    n_repeats = check_number(n_repeats, "n_repeats", integer=True, unit="draws")
     progress_bar = settings.progress_bar if progress_bar is None else progress_bar
     if genes is not None:
         genes = _check_genes(sdata, genes, table_key)
@@ -619,13 +618,14 @@ def _folds(group_of: dict[str, str], test_groups) -> list[tuple[str, list[str]]]
 
 
 def _check_sizes(n_train_spots) -> list[int]:
-    sizes = [n_train_spots] if np.isscalar(n_train_spots) else list(n_train_spots)
+    sizes = [n_train_spots] if np.isscalar(n_train_spots) or n_train_spots is None else list(n_train_spots)
     if not sizes:
         raise ValueError("`n_train_spots` is empty.")
-    bad = [n for n in sizes if isinstance(n, bool) or int(n) != n or n < 2]
+    sizes = [check_number(n, "n_train_spots", integer=True, unit="spots") for n in sizes]
+    bad = [n for n in sizes if n < 2]
     if bad:
         raise ValueError(f"`n_train_spots` must be integers of at least 2, got {bad}.")
-    return sorted({int(n) for n in sizes})
+    return sorted(set(sizes))
 
 
 def _few_shot_split(sdata: SpatialData, test, train, table_key: str) -> tuple[SpatialData, SpatialData]:
