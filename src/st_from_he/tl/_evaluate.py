@@ -373,8 +373,9 @@ def evaluate(
     says how many are not (the prediction no longer matches the measured data, e.g. spots were filtered out after
     predicting): scoring only the rest would hide it. Where both tables hold ``obsm["spatial"]``, matched spots must
     also lie at the same place (up to an affine change of frame), which catches instance ids that name different
-    spots in the two tables. Measured spots without a prediction are left out. The targets are ``log1p`` of the measured raw counts scaled to 10,000
-    per spot (library size over all measured genes), computed on the fly; the measured table is not modified.
+    spots in the two tables. Measured spots without a prediction are left out. The targets are ``log1p`` of the
+    measured raw counts scaled to 10,000 per spot (library size over all measured genes), computed on the fly; the
+    measured table is not modified.
     For each section (``per="sample"``) and gene, this computes Pearson's r (PCC), Spearman's rho, the mean squared
     and the mean absolute error across the section's spots. A gene that is constant in the prediction or in the
     measurement of a section (standard deviation below 1e-6 x (1 + abs(mean))) has no defined correlation: it

@@ -56,7 +56,8 @@ def predict_expression(
     key_added
         Key of the new table.
     batch_size
-        Patches per forward pass.
+        Patches per forward pass: it bounds memory, and the predictions do not depend on it (nor on the order of
+        the table's rows; the new table's rows follow them).
     device
         Torch device (``"auto"``: a GPU when available); default: the model's.
     overwrite

@@ -198,7 +198,8 @@ def evaluate_localization(
     The score of the prediction is ``obs[score_key]`` of the prediction table when present (written by
     :func:`~st_from_he.tl.score_tumor`, whose markers are then reused), else computed on the fly from ``markers``. The
     same score is computed from the measured expression as an upper bound: how well the markers themselves localise
-    the tumour when measured. Spots are matched by region and instance id; spots without a label are left out.
+    the tumour when measured. Spots are matched by region and instance id, as in :func:`~st_from_he.tl.evaluate`
+    (every predicted spot must be in the measured table); spots without a label are left out.
 
     For her2st, the expression-based cluster annotation of the original study can stand in for pathologist labels:
     ``labels = obs["expression_cluster_label"].str.contains("cancer")``. It is a weak stand-in, derived from the
