@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -152,6 +153,19 @@ class ModelConfig:
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:
             setattr(self, name, tuple(float(v) for v in getattr(self, name)))
+        for name in ("img_size", "proj_dim", "n_gene_tokens", "n_heads", "top_k", "batch_size", "max_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            setattr(self, name, int(value))  # numpy integers too, as plain ints for JSON
+        for name in ("patch_um", "tau", "lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+                raise ValueError(f"`{name}` must be a positive number, got {value!r}.")
+            setattr(self, name, float(value))
+        for name in ("proj_dropout", "snn_dropout", "fusion_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}.")
         if not self.context_scales or min(self.context_scales) <= 0:
             raise ValueError(f"`context_scales` must be positive and non-empty, got {self.context_scales}.")
         if self.proj_dim % self.n_heads:

@@ -132,6 +132,7 @@ class ExpressionModel:
             if unknown:
                 raise TypeError(f"Preset {preset!r} does not take {sorted(unknown)}.")
             self.config = BASELINE_PRESETS[preset] | config
+            _check_ridge_options(self.config)
             self.size_um = 112.0 if size_um is None else float(size_um)
             self.size_px = int(self.config["img_size"])
             self.context = tuple(float(c) for c in self.config["context_scales"])
@@ -811,6 +812,28 @@ def _blend_weights(blend, model: ExpressionModel) -> dict[str, float] | None:
     if blend is None or not (regression and retrieval):  # a single component was predicted alone
         return {"regression": 1.0} if regression and not retrieval else {"retrieval": 1.0}
     return {"regression": float(blend), "retrieval": 1.0 - float(blend)}
+
+
+def _check_ridge_options(config: dict[str, Any]) -> None:
+    """Raise naming the option if a ridge preset's options are out of range (before any patch is cut)."""
+    from ._baselines import FEATURE_SETS
+
+    _check_int(config["img_size"], "img_size", 8, "the patch side in pixels, e.g. 112")
+    scales = config["context_scales"]
+    if isinstance(scales, str) or not isinstance(scales, Iterable):
+        raise TypeError("`context_scales` must be a sequence of patch sides relative to the spot, e.g. (1, 3).")
+    for scale in scales:
+        _check_number(scale, "context_scales", "patch sides relative to the spot, e.g. (1, 3)")
+    if not len(tuple(scales)):
+        raise ValueError("`context_scales` is empty; give at least the spot scale, e.g. (1,).")
+    if config["features"] not in FEATURE_SETS:
+        raise ValueError(f"Unknown `features` {config['features']!r}; choose one of {list(FEATURE_SETS)}.")
+    _check_int(config.get("rank"), "rank", 1, "a number of principal axes, e.g. 30, or None", none=True)
+    lowres = config.get("lowres", 0.0)
+    if isinstance(lowres, bool) or not isinstance(lowres, int | float | np.integer | np.floating) or not lowres >= 0:
+        raise ValueError(f"`lowres` must be a blur factor >= 0 (e.g. 4; 0 or 1: off), got {lowres!r}.")
+    if not isinstance(config.get("per_section", False), bool | np.bool_):
+        raise TypeError(f"`per_section` must be True or False, got {config['per_section']!r}.")
 
 
 def _check_genes(genes) -> list[str]:
