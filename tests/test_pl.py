@@ -29,8 +29,8 @@ from spatialdata import SpatialData
 from spatialdata.models import TableModel
 
 import st_from_he.pl as pl
-from st_from_he.pl._metrics import _tidy
 from st_from_he.pl._layout import spot_layout
+from st_from_he.pl._metrics import _tidy
 from st_from_he.tl._evaluate import evaluate
 from st_from_he.tl._tumor import score_tumor
 

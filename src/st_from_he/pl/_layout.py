@@ -491,9 +491,12 @@ def crop_level(levels: list, level: int, bounds: Bounds, max_side: int = OVERVIE
 
     A level larger than ``2 * max_side`` is read with a stride; ``None`` when ``bounds`` miss the image.
     """
+    import xarray as xr
+
     full_h, full_w = levels[0].shape[-2:]
     data = levels[level]
-    data = getattr(data, "data", data)  # xarray -> dask/numpy
+    if isinstance(data, xr.DataArray):
+        data = data.data  # dask or numpy
     h, w = data.shape[-2:]
     sy, sx = full_h / h, full_w / w  # finest-level pixels per level pixel
     x0, x1, y0, y1 = bounds
