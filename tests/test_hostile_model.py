@@ -343,6 +343,8 @@ def test_bad_arguments_are_named(tmp_path, split, genes, models, test_patches):
         (lambda: sth.tl.ExpressionModel(genes).fit(train, lr=0), ValueError, "`lr` must be a positive number"),
         (lambda: sth.tl.ExpressionModel(genes).fit(train, patience=0), ValueError, "`patience` must be at least 1"),
         (lambda: sth.tl.ExpressionModel(genes).fit(train, spots="C5"), ValueError, "`spots` must be a list"),
+        (lambda: sth.tl.ExpressionModel(genes).fit(train.tables["table"]), TypeError, "got an AnnData. Wrap it"),
+        (lambda: sth.tl.ExpressionModel(genes).fit([]), ValueError, "`sdata` is an empty list"),
         (lambda: model.predict_patches(patches, batch_size=0), ValueError, "`batch_size` must be at least 1"),
         (lambda: model.predict_patches(patches, batch_size=True), TypeError, "`batch_size` must be an integer"),
         (lambda: model.predict_patches(patches, batch_size=8.0), TypeError, "`batch_size` must be an integer"),

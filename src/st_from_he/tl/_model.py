@@ -167,8 +167,14 @@ class ExpressionModel:
     # -- training --------------------------------------------------------------------------------------------------
 
     def _arrays(self, sdata, *, table_key, fill_missing_genes=False, spots=None) -> SpotArrays:
+        from st_from_he._sdata import check_sdata
+
+        sections = as_list(sdata)
+        if not sections:
+            raise ValueError("`sdata` is an empty list; pass a SpatialData (or a list of them) with measured counts.")
         parts = []
-        for s in as_list(sdata):
+        for s in sections:
+            check_sdata(s, "ExpressionModel.fit")
             if table_key not in s.tables:
                 raise KeyError(f"No table {table_key!r} of measured counts to train on; tables: {list(s.tables)}.")
             names = s.tables[table_key].obs_names
@@ -1029,8 +1035,8 @@ def _backup_hint(path: Path) -> str:
     parent = path.parent
     if not parent.is_dir():
         return ""
-    backups = sorted(parent.glob(f".{path.name}{_BACKUP_TAG}*"))
-    backups = [b for b in backups if (b / _CONFIG_FILE).is_file()]
+    prefix = f".{path.name}{_BACKUP_TAG}"
+    backups = sorted(b for b in parent.iterdir() if b.name.startswith(prefix) and (b / _CONFIG_FILE).is_file())
     if not backups:
         return ""
     return (
