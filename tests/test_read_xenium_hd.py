@@ -236,6 +236,13 @@ def test_read_xenium_errors(spots, xenium_dir, tmp_path):
     (tmp_path / "few.csv").write_text("fixedX,fixedY,alignmentX,alignmentY\n1,2,3,4\n5,6,7,8\n")
     with pytest.raises(ValueError, match="at least 3 finite keypoints"):
         sth.io.read_xenium(out, sample_id="X", he_image=spots["he"], he_alignment=tmp_path / "few.csv")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for name in ("experiment.xenium", "cell_feature_matrix.h5", "cells.zarr.zip"):
+        (empty / name).symlink_to(out / name)
+    pd.read_parquet(out / "cells.parquet").iloc[:0].to_parquet(empty / "cells.parquet")
+    with pytest.raises(ValueError, match="hold no cells"):
+        sth.io.read_xenium(empty, sample_id="X")
     stretched = he_to_xenium(spots) @ np.diag([1.2, 1.0, 1.0])
     with pytest.warns(UserWarning, match="scales x and y differently"):
         sth.io.read_xenium(out, sample_id="X", he_image=spots["he"], he_alignment=stretched)
@@ -339,6 +346,13 @@ def test_read_visium_hd_errors(spots, visium_hd_dir, tmp_path):
         sth.io.read_visium_hd(tmp_path, sample_id="HD")
     with pytest.raises(FileNotFoundError, match="`fullres_image`="):
         sth.io.read_visium_hd(out, sample_id="HD", fullres_image=tmp_path / "missing.tif")
+    empty = tmp_path / "empty"
+    (empty / "binned_outputs" / "square_002um").mkdir(parents=True)
+    (empty / "feature_slice.h5").symlink_to(out / "feature_slice.h5")
+    (empty / "binned_outputs" / "square_002um" / "spatial").symlink_to(out / "binned_outputs/square_002um/spatial")
+    write_10x_h5(empty / "binned_outputs/square_002um/filtered_feature_bc_matrix.h5", np.zeros((0, 3)), [], list("ABC"))
+    with pytest.raises(ValueError, match="hold no bins"):
+        sth.io.read_visium_hd(empty, sample_id="HD")
     small = tmp_path / "small.png"
     Image.fromarray(np.full((50, 60, 3), 200, dtype=np.uint8)).save(small)
     with pytest.raises(ValueError, match="spot centres lie outside the 60 x 50 px image"):

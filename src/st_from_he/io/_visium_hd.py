@@ -132,6 +132,8 @@ def read_visium_hd(
     for needed in (counts_name, "spatial/scalefactors_json.json", "spatial/tissue_positions.parquet"):
         if not (bin_folder / needed).is_file():
             raise FileNotFoundError(f"Visium HD bin folder {str(bin_folder)!r} lacks {needed!r}.")
+    if _n_barcodes(bin_folder / counts_name) == 0:  # spatialdata-io fails on an empty matrix
+        raise ValueError(f"The Visium HD counts {str(bin_folder / counts_name)!r} hold no bins.")
     scalefactors = json.loads((bin_folder / "spatial/scalefactors_json.json").read_text())
     micron_per_px = float(scalefactors["microns_per_pixel"])
     image_path = _fullres_image(path, fullres_image)
@@ -202,6 +204,16 @@ def read_visium_hd(
             sdata, spacing_um=pool_spacing_um, diameter_um=pool_diameter_um, grid=pool_grid, table_key=BINS_TABLE
         )
     return sdata
+
+
+def _n_barcodes(file: Path) -> int:
+    import h5py
+
+    try:
+        with h5py.File(file, "r") as f:
+            return int(f["matrix/shape"][1])
+    except (OSError, KeyError) as err:
+        raise ValueError(f"{str(file)!r} is not a 10x Genomics HDF5 count matrix: {err}") from err
 
 
 def _bin_folders(path: Path) -> dict[int, Path]:

@@ -118,6 +118,8 @@ def read_xenium(
             f"{list(_REQUIRED)})."
         )
     xenium_px = _xenium_pixel_size(path / "experiment.xenium")
+    if _n_cells(path / "cells.parquet") == 0:  # spatialdata-io fails on an empty table with an IndexError
+        raise ValueError(f"The Xenium data in {str(path)!r} hold no cells ({str(path / 'cells.parquet')!r} is empty).")
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Converting `region_key", category=UserWarning)
@@ -205,6 +207,15 @@ def read_xenium(
             sdata, spacing_um=pool_spacing_um, diameter_um=pool_diameter_um, grid=pool_grid, table_key=CELLS_TABLE
         )
     return sdata
+
+
+def _n_cells(file: Path) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(file).metadata.num_rows
+    except Exception as err:  # pyarrow raises several types for a damaged file
+        raise ValueError(f"{str(file)!r} is not a readable Parquet file of cells: {err}") from err
 
 
 def _xenium_pixel_size(file: Path) -> float:

@@ -395,9 +395,10 @@ def _pool_section(
                 f"coordinate system?"
             )
 
-    # Each spot sums the cells whose centre lies within its radius (a cell may lie in several overlapping spots).
-    members = cKDTree(cells_um).query_ball_point(spots_um, r=radius)
-    n_cells = np.fromiter((len(m) for m in members), dtype=np.int64, count=len(members))
+    # Each spot sums the cells whose centre lies within its radius (a cell may lie in several overlapping spots);
+    # the (spot, cell) pairs come from one vectorised KD-tree join, so millions of 2 um bins stay cheap.
+    pairs = cKDTree(spots_um).sparse_distance_matrix(cKDTree(cells_um), radius, output_type="ndarray")
+    n_cells = np.bincount(pairs["i"], minlength=len(spots_um))
     keep &= n_cells >= min_cells
     if not keep.any():
         raise ValueError(
@@ -411,8 +412,10 @@ def _pool_section(
             int((~keep & (n_cells >= min_cells)).sum()),
         )
     kept = np.flatnonzero(keep)
-    spot_of = np.repeat(np.arange(len(kept)), n_cells[kept])
-    cell_of = np.fromiter((c for i in kept for c in members[i]), dtype=np.int64, count=int(n_cells[kept].sum()))
+    new_index = np.full(len(spots_um), -1)
+    new_index[kept] = np.arange(len(kept))
+    pairs = pairs[keep[pairs["i"]]]
+    spot_of, cell_of = new_index[pairs["i"]], pairs["j"]
     assign = sparse.csr_matrix(
         (np.ones(len(cell_of), dtype=np.int64), (spot_of, cell_of)), shape=(len(kept), len(rows))
     )
