@@ -278,22 +278,33 @@ def test_anndata_tables_with_and_without_an_image(c6):
 
 
 def test_plain_scanpy_table_matched_by_obs_names(visium_crop_dir):
-    """A scanpy Visium AnnData (no region, no sample): drawn over its uns['spatial'] hires image, matched by name."""
+    """A scanpy Visium AnnData (no region, no sample): matched by name, drawn over its uns['spatial'] or H&E image."""
     adata = ad.read_h5ad(visium_crop_dir / "adata.h5ad")
     library = adata.uns["spatial"]["V1_Adult_Mouse_Brain"]
-    genes = list(adata.var_names[:6])
+    genes = ["Gad1", "Hbb-bs"]
     backwards = adata[::-1, genes]  # rows in another order: matched by name, not position
     pred = ad.AnnData(
         X=backwards.X.toarray() + 0.1, obs=pd.DataFrame(index=backwards.obs_names), var=pd.DataFrame(index=genes)
     )
-    fig = pl.predicted_vs_measured(adata, genes[:2], predicted=pred, normalize=False, return_fig=True)
+    fig = pl.predicted_vs_measured(adata, genes, predicted=pred, normalize=False, image="lowres", return_fig=True)
     ax = fig.axes[0]
     np.testing.assert_allclose(_drawn(ax), adata.obsm["spatial"])
-    scalef = library["scalefactors"]["tissue_hires_scalef"]
-    assert ax.images[0].get_extent()[1] <= library["images"]["hires"].shape[1] / scalef + 1e-6
+    scalef = library["scalefactors"]["tissue_lowres_scalef"]
+    left, right, _, _ = ax.images[0].get_extent()  # the lowres image cropped to the spots, in full-resolution pixels
+    assert (right - left) / ax.images[0].get_array().shape[1] == pytest.approx(1 / scalef)
     assert fig.get_suptitle() == "predicted vs measured expression"  # no section name to give
+    assert fig.axes[1].get_title() == "Gad1: predicted (PCC 1.00)"
     assert ax.collections[0].get_widths()[0] == pytest.approx(library["scalefactors"]["spot_diameter_fullres"])
     plt.close(fig)
+    with Image.open(visium_crop_dir / "image.jpg") as im:  # the full-resolution crop: spots on tissue
+        he = np.asarray(im.convert("RGB"))
+    adata.obs["score"] = adata[:, "Gad1"].X.toarray().ravel()
+    ax = pl.tumor_map(adata, score_key="score", image=he, show=False)
+    np.testing.assert_allclose(_drawn(ax), adata.obsm["spatial"])
+    left, right, bottom, top = ax.images[0].get_extent()
+    assert 0 <= left < right <= he.shape[1] and 0 <= top < bottom <= he.shape[0]  # the crop is nearly all tissue
+    assert (right - left) / ax.images[0].get_array().shape[1] == pytest.approx(1.0)  # its pixels are obsm's units
+    plt.close("all")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -521,6 +521,8 @@ def _to_uint8(rgb: np.ndarray) -> np.ndarray:
     if rgb.dtype == np.uint16:
         return (rgb // 257).astype(np.uint8)
     values = rgb.astype(float)
+    if values.size and np.nanmin(values) < 0:
+        logger.warning("The image holds negative values (not an RGB image?); they are drawn as black.")
     if values.size and np.nanmax(values) <= 1.0:
         values = values * 255
     return np.clip(np.nan_to_num(values, nan=255.0), 0, 255).round().astype(np.uint8)

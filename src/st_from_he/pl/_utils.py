@@ -66,8 +66,10 @@ PLOT_DOCS = {
         Image pixels per unit of the spot positions, for an image passed as an array or element (default 1) or an
         AnnData's ``uns["spatial"]`` image (default its ``tissue_{{res}}_scalef``).
     spatial_key
-        For an AnnData only: ``obsm`` key of the spot positions. With a SpatialData, positions always come from the
-        shapes the table annotates and their transformations, never from ``obsm`` (which, e.g., squidpy rewrites).""",
+        For an AnnData only: ``obsm`` key of the spot positions, used as they stand (after squidpy's SpatialData
+        route they are in coordinate-system units, e.g. micrometres: set ``scale_factor`` to match the image, or pass
+        the SpatialData). With a SpatialData, positions always come from the shapes the table annotates and their
+        transformations, never from ``obsm``.""",
 }
 """Docstring fragments of the plots (``{name}`` placeholders)."""
 
