@@ -203,8 +203,16 @@ def test_pool_errors(cells, her2st_dir):
         pool_to_spots(cells, key_added="other")  # two candidate tables now
     measured = sth.datasets.her2st(["C6"], path=her2st_dir)
     measured.tables["cells"] = cells.tables["cells"]
+    measured.shapes["C6_cells"] = cells.shapes["C6_cells"]
     with pytest.raises(KeyError, match="was not written by `sth.pp.pool_to_spots`"):
         pool_to_spots(measured, table_key="cells", overwrite=True)
+    with pytest.raises(KeyError, match=r"'C6_spots' exists and is annotated by table\(s\) \['table'\]"):
+        pool_to_spots(measured, table_key="cells", key_added="pooled", overwrite=True)
+    with pytest.raises(KeyError, match="'C6_image' exists and is not a shapes element"):
+        pool_to_spots(measured, table_key="cells", key_added="pooled", shapes_suffix="image", overwrite=True)
+    pool_to_spots(measured, table_key="cells", key_added="pooled", shapes_suffix="pooled")
+    assert measured.tables["table"].n_obs > measured.tables["pooled"].n_obs  # the measured spots are kept
+    assert set(measured.tables["pooled"].obs["region"]) == {"C6_pooled"} and "C6_spots" in measured.shapes
 
 
 def test_pool_refuses_empty_and_non_count_tables(cells):

@@ -17,6 +17,7 @@ Pooling at the spot centres with the spot diameter must give back the spots' cou
 from __future__ import annotations
 
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -357,3 +358,23 @@ def test_read_visium_hd_errors(spots, visium_hd_dir, tmp_path):
     Image.fromarray(np.full((50, 60, 3), 200, dtype=np.uint8)).save(small)
     with pytest.raises(ValueError, match="spot centres lie outside the 60 x 50 px image"):
         sth.io.read_visium_hd(out, sample_id="HD", fullres_image=small)
+
+
+def test_read_visium_hd_hires_fallback(spots, visium_hd_dir, tmp_path):
+    out, written = visium_hd_dir
+    folder = tmp_path / "outs"
+    folder.mkdir()
+    # no microscope_image/: the hires image is used (copies: spatialdata-io's search does not follow links)
+    shutil.copy(out / "feature_slice.h5", folder)
+    shutil.copytree(out / "binned_outputs", folder / "binned_outputs")
+    with pytest.raises(FileNotFoundError, match="pass `fullres_image=`"):
+        sth.io.read_visium_hd(folder, sample_id="HD")
+    (folder / "spatial").mkdir()
+    height, width = spots["shape"]
+    with Image.open(spots["he"]) as im:
+        im.resize((round(width * 0.2), round(height * 0.2))).save(folder / "spatial" / "tissue_hires_image.png")
+    sdata = sth.io.read_visium_hd(folder, sample_id="HD", bin_size=8)
+    assert sth._sdata.pixel_size_um(sdata, "HD_image", "HD") == pytest.approx(spots["px"] / 0.2)
+    positions = pd.read_parquet(out / "binned_outputs/square_008um/spatial/tissue_positions.parquet")
+    expected = positions[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy() * 0.2
+    np.testing.assert_allclose(sdata.tables["bins"].obsm["spatial"], expected)

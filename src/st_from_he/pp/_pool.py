@@ -168,7 +168,13 @@ def pool_to_spots(
                 f"`shapes_suffix`={shapes_suffix!r} would replace {key!r}, the cells of table {table_key!r}; choose "
                 f"another suffix."
             )
-        if key in sdata and not overwrite:
+        if key not in sdata:
+            continue
+        users = [name for name, t in sdata.tables.items() if name != key_added and _annotates(t, key)]
+        if key not in sdata.shapes or users:
+            why = f"annotated by table(s) {users}" if users else "not a shapes element"
+            raise KeyError(f"Element {key!r} exists and is {why}, so it is kept; pass another `shapes_suffix`.")
+        if not overwrite:
             raise KeyError(f"Element {key!r} exists; pass `overwrite=True` or another `shapes_suffix`.")
 
     parts, shapes = [], {}
@@ -217,6 +223,11 @@ def pool_to_spots(
         sdata.shapes[key] = circles
     sdata.tables[key_added] = table
     return key_added
+
+
+def _annotates(table, element: str) -> bool:
+    region = table.uns.get("spatialdata_attrs", {}).get("region")
+    return element in ([region] if isinstance(region, str) else list(region or []))
 
 
 def _source_table_key(sdata, table_key, key_added: str) -> str:
