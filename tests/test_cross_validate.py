@@ -199,7 +199,9 @@ def test_cross_validate_errors(sections, genes):
     run = {"genes": genes, "progress_bar": False}
     with pytest.raises(ValueError, match="Unknown preset"):
         cross_validate(sections, presets=["ridge", "lasso"], **run)
-    with pytest.raises(KeyError, match="no obs column 'patient'"):
+    with pytest.raises(KeyError, match="no obs column 'no_such_column'"):
+        cross_validate(sections, groups="no_such_column", presets=["mean"], **run)
+    with pytest.raises(ValueError, match="one group"):  # the readers record obs['patient']: C5 and C6 are both C
         cross_validate(sections, groups="patient", presets=["mean"], **run)
     with pytest.raises(ValueError, match="no training data"):  # her2st patient C: both sections
         cross_validate(sections, groups=lambda sample: sample[0], presets=["mean"], **run)
