@@ -6,6 +6,7 @@ from ._genes import select_genes
 from ._grid import spot_grid
 from ._normalize import normalize
 from ._patches import PatchDataset, extract_patches
+from ._pool import pool_to_spots
 from ._split import split_sections
 from ._tissue import detect_tissue
 
@@ -15,6 +16,7 @@ __all__ = [
     "detect_tissue",
     "extract_patches",
     "normalize",
+    "pool_to_spots",
     "select_genes",
     "spot_grid",
     "split_sections",
