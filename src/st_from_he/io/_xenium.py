@@ -55,7 +55,8 @@ def read_xenium(
         The patient the section comes from, written to ``obs["patient"]``; ``None`` takes the sample id.
     he_image
         The H&E image (JPEG, PNG or (OME-)TIFF; read lazily). ``None`` looks for ``*he_image.ome.tif`` in ``path``
-        (as Xenium Ranger's ``import-images`` or a user's export leaves it) with its ``*he_imagealignment.csv``;
+        (the name 10x Genomics gives the post-Xenium H&E of its public datasets, which spatialdata-io also looks
+        for) with its ``*he_imagealignment.csv``;
         without one the section has cells but no image (enough to pool, not to train).
     he_alignment
         How the H&E image lies on the Xenium data: the affine transformation that maps H&E pixel coordinates
