@@ -333,3 +333,22 @@ def test_show_save_return_conventions(c6, tmp_path, monkeypatch):
     assert list(pl.gene_correlation(c6, GENES, ax=grid)) == list(grid) and shown == [1, 1]
     assert grid[1].get_title().startswith("Predicted\npreservation r = ")
     plt.close("all")
+
+
+def test_layout_errors(c6):
+    table = c6.tables["table"]
+    with pytest.raises(TypeError, match="takes a SpatialData or an AnnData table, got int"):
+        pl.tumor_map(42)
+    with pytest.raises(KeyError, match=r"No image element 'C6_he' \(`image`\); images present: \['C6_image'\]"):
+        pl.predicted_vs_measured(c6, "ERBB2", image="C6_he", show=False)
+    with pytest.raises(ValueError, match="takes 2 Axes"):
+        pl.gene_correlation(c6, GENES, ax=plt.subplots()[1])
+    bare = table.copy()
+    del bare.obsm["spatial"]
+    with pytest.raises(KeyError, match=r"no obsm\['spatial'\] of spot positions"):
+        pl.predicted_vs_measured(bare, "ERBB2", predicted=c6.tables["predicted_expression"])
+    # a table whose region is not a shapes element here, and no obsm: nothing places its spots
+    alone = SpatialData(tables={"table": bare, "predicted_expression": c6.tables["predicted_expression"]})
+    with pytest.raises(KeyError, match="Cannot place the spots of table 'table'"):
+        pl.predicted_vs_measured(alone, "ERBB2")
+    plt.close("all")
