@@ -17,7 +17,6 @@ from PIL import Image
 import st_from_he as sth
 from st_from_he.io._cells import cells_section
 from st_from_he.io._image import array_levels
-from st_from_he.pp._pool import pool_to_spots  # also `sth.pp.pool_to_spots` once listed in pp/__init__.py
 
 N_SPOTS, CELLS_PER_SPOT, N_GENES, CELL_RADIUS_UM = 40, 10, 150, 45.0
 
@@ -97,7 +96,7 @@ def cells(c6_spots):
 def test_pooling_at_the_spot_centres_recovers_the_spot_counts(c6_spots, cells):
     before = cells.tables["cells"].copy()
     centres = pd.DataFrame(c6_spots["centres_px"] * c6_spots["px"], columns=["x", "y"], index=c6_spots["ids"])
-    key = pool_to_spots(cells, centres_um=centres, diameter_um=100)
+    key = sth.pp.pool_to_spots(cells, centres_um=centres, diameter_um=100)
     assert key == "table"
     pooled = cells.tables["table"]
     np.testing.assert_array_equal(pooled.X.toarray(), c6_spots["counts"])  # exactly, every gene of every spot
@@ -117,7 +116,7 @@ def test_pooling_at_the_spot_centres_recovers_the_spot_counts(c6_spots, cells):
     after = cells.tables["cells"]
     assert (after.X != before.X).nnz == 0 and after.obs.equals(before.obs)
     # a diameter that misses the outer cells gives fewer cells and smaller, still integer, sums
-    pool_to_spots(cells, centres_um=centres, diameter_um=40, overwrite=True)
+    sth.pp.pool_to_spots(cells, centres_um=centres, diameter_um=40, overwrite=True)
     small = cells.tables["table"]
     assert (small.obs["n_cells"] < CELLS_PER_SPOT).any() and (small.obs["n_cells"] >= 1).all()
     rows = pd.Index(c6_spots["ids"]).get_indexer(small.obs["spot_id"])  # spots without a cell are left out
@@ -126,7 +125,7 @@ def test_pooling_at_the_spot_centres_recovers_the_spot_counts(c6_spots, cells):
 
 @pytest.mark.parametrize(("grid", "spacing", "diameter"), [("hexagonal", 100.0, 55.0), ("square", 60.0, 90.0)])
 def test_grid_spots_sum_the_cells_inside_them(cells, grid, spacing, diameter):
-    pool_to_spots(cells, spacing_um=spacing, diameter_um=diameter, grid=grid)
+    sth.pp.pool_to_spots(cells, spacing_um=spacing, diameter_um=diameter, grid=grid)
     pooled, source = cells.tables["table"], cells.tables["cells"]
     px = sth._sdata.pixel_size_um(cells, "C6_image", "C6")
     centres_um = pooled.obsm["spatial"] * px
@@ -150,7 +149,7 @@ def test_grid_spots_sum_the_cells_inside_them(cells, grid, spacing, diameter):
 
 
 def test_pooled_spots_train_predict_and_evaluate(cells):
-    pool_to_spots(cells, spacing_um=100, diameter_um=55)
+    sth.pp.pool_to_spots(cells, spacing_um=100, diameter_um=55)
     genes = list(cells.tables["table"].var_names[:30])
     model = sth.tl.ExpressionModel(genes, preset="ridge").fit(cells)
     assert model.training_info["n_train_spots"] == cells.tables["table"].n_obs
@@ -166,51 +165,51 @@ def test_pooled_spots_train_predict_and_evaluate(cells):
 
 def test_pool_errors(cells, her2st_dir):
     with pytest.raises(ValueError, match="`spacing_um` must be a positive number"):
-        pool_to_spots(cells, spacing_um=0)
+        sth.pp.pool_to_spots(cells, spacing_um=0)
     with pytest.raises(ValueError, match="`spacing_um` must be a positive number"):
-        pool_to_spots(cells, spacing_um=-5)
+        sth.pp.pool_to_spots(cells, spacing_um=-5)
     with pytest.raises(ValueError, match="`diameter_um` must be a positive number"):
-        pool_to_spots(cells, diameter_um=float("nan"))
+        sth.pp.pool_to_spots(cells, diameter_um=float("nan"))
     with pytest.raises(ValueError, match="`grid` must be one of"):
-        pool_to_spots(cells, grid="triangular")
+        sth.pp.pool_to_spots(cells, grid="triangular")
     with pytest.raises(ValueError, match="above `max_spots`=2,000,000.*larger `spacing_um`"):
-        pool_to_spots(cells, spacing_um=0.5)
+        sth.pp.pool_to_spots(cells, spacing_um=0.5)
     with pytest.raises(ValueError, match="above `max_spots`=10"):
-        pool_to_spots(cells, max_spots=10)
+        sth.pp.pool_to_spots(cells, max_spots=10)
     with pytest.raises(ValueError, match="is the source table"):
-        pool_to_spots(cells, table_key="cells", key_added="cells")
+        sth.pp.pool_to_spots(cells, table_key="cells", key_added="cells")
     with pytest.raises(KeyError, match="No table 'bins'"):
-        pool_to_spots(cells, table_key="bins")
+        sth.pp.pool_to_spots(cells, table_key="bins")
     with pytest.raises(ValueError, match="No pseudo-spot of 'C6' holds at least 1000"):
-        pool_to_spots(cells, min_cells=1000)
+        sth.pp.pool_to_spots(cells, min_cells=1000)
     with pytest.raises(ValueError, match="lie outside the image"):
-        pool_to_spots(cells, centres_um=np.array([[-500.0, 10.0], [50.0, 50.0]]))
+        sth.pp.pool_to_spots(cells, centres_um=np.array([[-500.0, 10.0], [50.0, 50.0]]))
     with pytest.raises(ValueError, match=r"must be an \(n, 2\) array"):
-        pool_to_spots(cells, centres_um=np.zeros((3, 3)))
+        sth.pp.pool_to_spots(cells, centres_um=np.zeros((3, 3)))
     with pytest.raises(KeyError, match="absent from table 'cells'"):
-        pool_to_spots(cells, centres_um={"C7": np.zeros((1, 2))})
+        sth.pp.pool_to_spots(cells, centres_um={"C7": np.zeros((1, 2))})
     with pytest.raises(TypeError, match="takes a SpatialData, got an AnnData"):
-        pool_to_spots(cells.tables["cells"])
+        sth.pp.pool_to_spots(cells.tables["cells"])
     assert "table" not in cells.tables and "C6_spots" not in cells.shapes  # failed calls add nothing
 
     # an existing table: refused unless pooled before and overwrite=True; measured tables never replaced
-    pool_to_spots(cells)
+    sth.pp.pool_to_spots(cells)
     with pytest.raises(KeyError, match="exists; pass `overwrite=True`"):
-        pool_to_spots(cells, table_key="cells")
-    pool_to_spots(cells, table_key="cells", spacing_um=150, overwrite=True)
+        sth.pp.pool_to_spots(cells, table_key="cells")
+    sth.pp.pool_to_spots(cells, table_key="cells", spacing_um=150, overwrite=True)
     assert cells.tables["table"].uns["pool_to_spots"]["params"]["spacing_um"] == 150
     with pytest.raises(KeyError, match="Pass `table_key=`"):
-        pool_to_spots(cells, key_added="other")  # two candidate tables now
+        sth.pp.pool_to_spots(cells, key_added="other")  # two candidate tables now
     measured = sth.datasets.her2st(["C6"], path=her2st_dir)
     measured.tables["cells"] = cells.tables["cells"]
     measured.shapes["C6_cells"] = cells.shapes["C6_cells"]
     with pytest.raises(KeyError, match="was not written by `sth.pp.pool_to_spots`"):
-        pool_to_spots(measured, table_key="cells", overwrite=True)
+        sth.pp.pool_to_spots(measured, table_key="cells", overwrite=True)
     with pytest.raises(KeyError, match=r"'C6_spots' exists and is annotated by table\(s\) \['table'\]"):
-        pool_to_spots(measured, table_key="cells", key_added="pooled", overwrite=True)
+        sth.pp.pool_to_spots(measured, table_key="cells", key_added="pooled", overwrite=True)
     with pytest.raises(KeyError, match="'C6_image' exists and is not a shapes element"):
-        pool_to_spots(measured, table_key="cells", key_added="pooled", shapes_suffix="image", overwrite=True)
-    pool_to_spots(measured, table_key="cells", key_added="pooled", shapes_suffix="pooled")
+        sth.pp.pool_to_spots(measured, table_key="cells", key_added="pooled", shapes_suffix="image", overwrite=True)
+    sth.pp.pool_to_spots(measured, table_key="cells", key_added="pooled", shapes_suffix="pooled")
     assert measured.tables["table"].n_obs > measured.tables["pooled"].n_obs  # the measured spots are kept
     assert set(measured.tables["pooled"].obs["region"]) == {"C6_pooled"} and "C6_spots" in measured.shapes
 
@@ -222,12 +221,12 @@ def test_pool_refuses_empty_and_non_count_tables(cells):
     empty = SpatialData(shapes={"C6_cells": cells.shapes["C6_cells"]})
     empty.tables.data["cells"] = table[:0].copy()  # spatialdata refuses to validate an empty table; bypass that
     with pytest.raises(ValueError, match="Table 'cells' has no cells or bins to pool"):
-        pool_to_spots(empty)
+        sth.pp.pool_to_spots(empty)
     normalised = table.copy()
     normalised.X = normalised.X.astype(float) * 0.5
     bad = SpatialData(shapes={"C6_cells": cells.shapes["C6_cells"]}, tables={"cells": normalised})
     with pytest.raises(ValueError, match="non-integer values"):
-        pool_to_spots(bad)
+        sth.pp.pool_to_spots(bad)
     no_shapes = SpatialData(tables={"cells": table.copy()})
     with pytest.raises(KeyError, match="annotates 'C6_cells', which is not a shapes element"):
-        pool_to_spots(no_shapes)
+        sth.pp.pool_to_spots(no_shapes)

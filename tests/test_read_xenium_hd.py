@@ -28,7 +28,6 @@ from PIL import Image
 from scipy import sparse
 
 import st_from_he as sth
-from st_from_he.pp._pool import pool_to_spots  # also `sth.pp.pool_to_spots` once listed in pp/__init__.py
 
 N_SPOTS, N_GENES, CELLS_PER_SPOT, RADIUS_UM, XENIUM_PX = 30, 120, 8, 45.0, 0.2125
 
@@ -168,7 +167,7 @@ def test_read_xenium_registers_cells_on_the_he_image(spots, xenium_dir):
 
     # pooling at the real spot centres with the real spot diameter gives back the spots' counts
     centres = pd.DataFrame(spots["centres_px"] * spots["px"], columns=["x", "y"], index=spots["ids"])
-    pool_to_spots(sdata, centres_um=centres, diameter_um=100)
+    sth.pp.pool_to_spots(sdata, centres_um=centres, diameter_um=100)
     np.testing.assert_array_equal(sdata.tables["table"].X.toarray(), spots["counts"])
     assert (sdata.tables["table"].obs["n_cells"] == CELLS_PER_SPOT).all()
     np.testing.assert_allclose(sdata.tables["table"].obsm["spatial"], spots["centres_px"], atol=1e-6)
@@ -204,7 +203,7 @@ def test_read_xenium_finds_the_aligned_he_and_works_without(spots, xenium_dir, t
         (folder / name).symlink_to(out / name)
     sdata = sth.io.read_xenium(folder, sample_id="X4")  # no H&E: cells in the Xenium frame, no image
     assert not sdata.images and sth._sdata.pixel_size_um(sdata, "X4_cells", "X4") == pytest.approx(XENIUM_PX)
-    pool_to_spots(sdata, spacing_um=100)  # pooling needs no image
+    sth.pp.pool_to_spots(sdata, spacing_um=100)  # pooling needs no image
     assert sdata.tables["table"].X.sum() > 0
     (folder / "X4_he_image.ome.tif").symlink_to(spots["he"])
     np.savetxt(folder / "X4_he_imagealignment.csv", he_to_xenium(spots), delimiter=",")
@@ -324,7 +323,7 @@ def test_read_visium_hd_bins_pool_back_to_the_spots(spots, visium_hd_dir):
     np.testing.assert_allclose(sdata.shapes["HD1_bins"]["radius"], 1.0 / spots["px"])
 
     centres = pd.DataFrame(spots["centres_px"] * spots["px"], columns=["x", "y"], index=spots["ids"])
-    pool_to_spots(sdata, centres_um=centres, diameter_um=100)
+    sth.pp.pool_to_spots(sdata, centres_um=centres, diameter_um=100)
     np.testing.assert_array_equal(sdata.tables["table"].X.toarray(), spots["counts"])
 
     # 8 um bins hold the same counts; pooled on a hexagonal grid in the same call (the pooled table trains and
