@@ -1,5 +1,6 @@
 """Tools: train, apply and evaluate image-to-expression models."""
 
+from ._ceiling import noise_ceiling
 from ._cross_validate import cross_validate, few_shot
 from ._embed import embed
 from ._evaluate import evaluate
@@ -22,6 +23,7 @@ __all__ = [
     "few_shot",
     "gene_correlation",
     "gene_set",
+    "noise_ceiling",
     "predict_expression",
     "pretrain_encoder",
     "score_tumor",

@@ -24,6 +24,7 @@ from st_from_he._sdata import (
 )
 from st_from_he._validate import check_raw_counts, is_raw_counts
 
+from ._ceiling import noise_ceiling
 from ._gene_sets import _check_gene_sets, _check_markers, _check_measured_params, _select_genes
 
 if TYPE_CHECKING:
@@ -36,20 +37,40 @@ TARGET_SUM = 1e4
 _CONSTANT_RTOL = 1e-6
 # per-gene columns and summary names a gene set must not take
 _RESERVED = frozenset(
-    "sample gene pearson spearman mse mae constant mean_measured var_measured mean_predicted zero_fraction spots genes".split()
+    "sample gene pearson spearman mse mae constant mean_measured var_measured mean_predicted zero_fraction spots genes "
+    "ceiling".split()
 )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # shared helpers (also used by gene_correlation, tumour scoring and the plots)
 # --------------------------------------------------------------------------------------------------------------------
-def _table(sdata: SpatialData, key: str, what: str) -> AnnData:
+def _table(sdata: SpatialData | Mapping[str, AnnData], key: str, what: str) -> AnnData:
     if not isinstance(key, str):
         raise TypeError(f"The {what} table key must be a table name, got {type(key).__name__} {key!r}.")
-    if key not in sdata.tables:
+    tables = sdata if isinstance(sdata, Mapping) else sdata.tables
+    if key not in tables:
         hint = " Run `sth.tl.predict_expression` first." if key == PREDICTED_KEY else ""
-        raise KeyError(f"No {what} table {key!r} in the SpatialData; tables present: {sorted(sdata.tables)}.{hint}")
-    return sdata.tables[key]
+        raise KeyError(f"No {what} table {key!r} in the SpatialData; tables present: {sorted(tables)}.{hint}")
+    return tables[key]
+
+
+def _tables_of(data, predicted, predicted_key: str, measured_key: str, function: str):
+    """The SpatialData, or ``{predicted_key: predicted, measured_key: data}`` when two AnnData tables are given."""
+    from anndata import AnnData
+
+    if isinstance(data, AnnData):
+        if not isinstance(predicted, AnnData):
+            raise TypeError(
+                f"`{function}` got an AnnData of measurements: pass the AnnData of predictions as `predicted=` too "
+                f"(both tables name their spots through the region and instance key columns), or a SpatialData "
+                f"holding both."
+            )
+        return {predicted_key: predicted, measured_key: data}
+    if predicted is not None:
+        raise TypeError("`predicted=` goes with an AnnData of measurements; a SpatialData holds its prediction table.")
+    check_sdata(data, function, needs_image=False)
+    return data
 
 
 def _measured_table(sdata: SpatialData, key: str = TABLE_KEY) -> AnnData:
@@ -364,7 +385,10 @@ def evaluate(
     per: Literal["sample", "all"] = "sample",
     layer: str | None = None,
     normalize: bool | None = None,
+    ceiling: bool | None = None,
+    predicted: AnnData | None = None,
     key_added: str = "evaluation",
+    seed: int = 0,
 ) -> dict[str, pd.DataFrame]:
     """Score predicted against measured expression with the package's evaluation protocol.
 
@@ -393,7 +417,9 @@ def evaluate(
     Parameters
     ----------
     sdata
-        Data holding a prediction table and the measured table, annotating the same spots. Any table of predicted
+        Data holding a prediction table and the measured table, annotating the same spots; or the measured table
+        itself as an :class:`~anndata.AnnData`, with the prediction table as ``predicted=`` (as :mod:`st_from_he.pl`
+        takes them). Any table of predicted
         ``log1p`` CP10k expression works (other methods' output too), as long as its rows name their spots through
         the region and instance key columns of :class:`~spatialdata.models.TableModel`.
     predicted_key
@@ -417,8 +443,17 @@ def evaluate(
         the values are not raw counts (e.g. a table attached from log-normalised data). ``True``: normalise whatever
         non-negative values there are. ``False``: take the values as they are; they must already be ``log1p`` CP10k
         for MSE and MAE to mean what they say (correlations are unchanged by per-gene linear scaling).
+    ceiling
+        Also compute the count-noise ceiling of each gene (:func:`~st_from_he.tl.noise_ceiling`: the PCC a perfect
+        predictor of the spots' expected expression would reach against counts this noisy, from binomial split
+        halves of each spot's molecules). ``None`` (default): whenever the measured values are raw counts. Read a
+        score against it: a section sequenced at low depth (e.g. her2st's B4, about 650 UMI per spot) allows less.
+    predicted
+        The prediction table, when ``sdata`` is the AnnData of measurements.
     key_added
         Key under which the results are stored in the prediction table's ``uns``.
+    seed
+        Seed of the ceiling's random splits.
 
     Returns
     -------
@@ -427,13 +462,16 @@ def evaluate(
     ``"per_gene"``
         One row per section and gene: ``sample``, ``gene``, ``pearson``, ``spearman``, ``mse``, ``mae``,
         ``constant`` (bool), ``mean_measured``, ``var_measured``, ``mean_predicted``, ``zero_fraction`` (share of
-        spots with no measured count), then one bool column per gene set saying whether the gene is in that set for
-        that section.
+        spots with no measured count), ``ceiling`` (with ``ceiling``), then one bool column per gene set saying
+        whether the gene is in that set for that section.
     ``"summary"``
         One row per section (index ``sample``): ``n_spots``, ``n_genes``, ``n_constant``, ``pcc_<set>`` (mean PCC of
-        each gene set) and ``n_<set>`` (its number of genes), ``spot_pcc`` (mean over spots of the Pearson r across
-        all evaluated genes) and ``preservation`` (Pearson r between the upper triangles of the measured and the
-        predicted gene-gene correlation matrices of the section's HEG; see :func:`~st_from_he.tl.gene_correlation`).
+        each gene set), ``n_<set>`` (its number of genes) and, with ``ceiling``, ``ceiling_<set>`` (mean ceiling of
+        the set's genes), ``spot_pcc`` (mean over spots of the Pearson r across all evaluated genes),
+        ``preservation`` (Pearson r between the upper triangles of the measured and the predicted gene-gene
+        correlation matrices of the section's HEG; see :func:`~st_from_he.tl.gene_correlation`) and
+        ``corr_abs_diff`` (the mean absolute difference of those two matrices: predictions tend to exaggerate
+        gene-gene structure, which a high ``preservation`` does not show).
     ``"per_spot"``
         One row per spot (index: the measured table's ``obs_names``): ``sample``, ``region``, ``spot_id``,
         ``pearson`` (across all evaluated genes).
@@ -449,8 +487,9 @@ def evaluate(
     >>> res = sth.tl.evaluate(sdata)  # doctest: +SKIP
     >>> res["summary"][["pcc_heg", "pcc_hvg", "pcc_markers", "n_constant"]]  # doctest: +SKIP
     >>> res["per_gene"].query("markers").sort_values("pearson")  # doctest: +SKIP
+    >>> res["summary"][["pcc_hvg", "ceiling_hvg"]]  # a score next to what count noise allows  # doctest: +SKIP
     """
-    check_sdata(sdata, "sth.tl.evaluate", needs_image=False)
+    sdata = _tables_of(sdata, predicted, predicted_key, measured_key, "sth.tl.evaluate")
     sets = _check_gene_sets(gene_sets)
     clash = [name for name in sets if name in _RESERVED]
     if clash:
@@ -462,9 +501,19 @@ def evaluate(
     _check_measured_params(layer, normalize)
     if not isinstance(key_added, str) or not key_added:
         raise TypeError(f"`key_added` must be a non-empty name, got {key_added!r}.")
+    if ceiling and normalize is False:
+        raise ValueError(
+            "`ceiling=True` needs raw counts (it splits each spot's molecules); `normalize=False` says there are none."
+        )
     paired = _paired(sdata, predicted_key, measured_key, layer=layer, normalize=normalize)
     genes = paired.genes
     meas_table = _measured_table(sdata, measured_key)
+    counts = _matrix(meas_table, layer, measured_key)
+    if ceiling is None:  # wherever the measured values are raw counts
+        ceiling = normalize is not False and is_raw_counts(counts[paired.measured_rows])
+    elif ceiling:
+        check_raw_counts(counts[paired.measured_rows], where=f"Table {measured_key!r} (for `ceiling=True`)")
+    gene_cols = meas_table.var_names.get_indexer(genes)
     logger.info(
         "Evaluating %d genes shared by %r (%d genes) and %r (%d genes) on %d spots.",
         len(genes),
@@ -500,6 +549,8 @@ def evaluate(
                 "zero_fraction": (m == 0).mean(axis=0),
             }
         )
+        if ceiling:
+            df["ceiling"] = noise_ceiling(counts[paired.measured_rows[rows]], gene_cols, seed=seed)
         row = {"n_spots": len(rows), "n_genes": len(genes), "n_constant": int(constant.sum())}
         for name, explicit in sets.items():
             if explicit is None:
@@ -511,10 +562,12 @@ def evaluate(
             df[name] = df["gene"].isin(chosen)
             row[f"pcc_{name}"] = float(df.loc[df[name], "pearson"].mean()) if chosen else float("nan")
             row[f"n_{name}"] = len(chosen)
+            if ceiling:
+                row[f"ceiling_{name}"] = float(df.loc[df[name], "ceiling"].mean()) if chosen else float("nan")
         spot_r, _ = _pearson(p, m, axis=1)
         row["spot_pcc"] = float(spot_r.mean())
         heg = np.asarray(_select_genes("heg", m, list(range(len(genes))), n_genes=n_genes), dtype=int)
-        row["preservation"] = _preservation(_corrcoef(m[:, heg]), _corrcoef(p[:, heg]))[0]
+        row["preservation"], row["corr_abs_diff"] = _preservation(_corrcoef(m[:, heg]), _corrcoef(p[:, heg]))
         per_gene.append(df)
         summary.append(pd.Series(row, name=group))
         spots = paired.obs.iloc[rows].copy()
@@ -539,6 +592,8 @@ def evaluate(
         "markers": list(markers) if markers is not None else list(_default_markers()),
         "per": per,
         "layer": "X" if layer is None else layer,
+        "ceiling": ceiling,
+        "seed": int(seed),
         "target": "measured values as given"
         if normalize is False
         else "log1p(normalize_total(1e4)) of the measured values",
