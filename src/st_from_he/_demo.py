@@ -64,10 +64,10 @@ def run_demo(*, data=None, out="st_from_he_demo", test="C6", epochs=None, preset
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
     markers = [g for g in ("ERBB2", "KRT19", "COL1A1", "CD74") if g in genes]
-    sth.pl.predicted_vs_measured(held_out, markers, save=out / "predicted_vs_measured.png")
-    sth.pl.gene_correlation(held_out, genes="heg", save=out / "gene_correlation.png")
+    sth.pl.predicted_vs_measured(held_out, markers, save=out / "predicted_vs_measured.png", show=False)
+    sth.pl.gene_correlation(held_out, genes="heg", save=out / "gene_correlation.png", show=False)
     if models[preset].history is not None:
-        sth.pl.training_history(models[preset], save=out / "training_history.png")
+        sth.pl.training_history(models[preset], save=out / "training_history.png", show=False)
     _write_predictions(held_out, out / "predictions.zarr")
     models[preset].save(out / "model", overwrite=True)
     print(f"\nFigures, scores, predictions and the model are in {out}/ ({time.perf_counter() - start:.0f} s in all)")
