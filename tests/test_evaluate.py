@@ -168,6 +168,17 @@ def test_noisy_prediction_in_between(base, genes):
     assert (row["pearson"] == 0).all() and row["constant"].all()
 
 
+def test_structure_metrics_see_smoothing_and_shuffling(base, genes, perfect_result):
+    """Moran's I ratio and the gene-gene matrix difference: 1 and 0 for a perfect prediction, larger when smoothed."""
+    perfect = perfect_result["summary"]
+    assert np.allclose(perfect["moran_ratio"], 1.0) and np.allclose(perfect["corr_abs_diff"], 0.0, atol=1e-6)
+    smooth = evaluate(_with(base, predicted_expression=_fake_prediction(base, genes, smooth=True)))["summary"]
+    assert (smooth["moran_ratio"] > 1.5).all()  # neighbour averaging makes every gene spatially smoother
+    assert (smooth["corr_abs_diff"] > 0.05).all()  # and inflates gene-gene correlations
+    shuffled = _fake_prediction(base, genes, shuffle_within=True, seed=1)
+    assert (evaluate(_with(base, predicted_expression=shuffled))["summary"]["moran_ratio"] < 0.5).all()
+
+
 def test_gene_sets_are_chosen_on_each_test_section(base, perfect_result, genes, zero_in_c6):
     per_gene = perfect_result["per_gene"]
     meas = base.tables["table"]

@@ -305,6 +305,35 @@ def _preservation(measured_corr: np.ndarray, predicted_corr: np.ndarray) -> tupl
     return float(r[0]) if not constant[0] else 0.0, float(np.abs(m - p).mean())
 
 
+def _grid_graph(xy: np.ndarray) -> sparse.csr_matrix | None:
+    """Spots within 1.5x the median nearest-neighbour distance of each other (a spot grid's neighbours, any pitch)."""
+    from scipy.spatial import cKDTree
+
+    if len(xy) < 4:
+        return None
+    tree = cKDTree(xy)
+    nearest = tree.query(xy, k=2)[0][:, 1]
+    pairs = tree.query_pairs(1.5 * float(np.median(nearest)), output_type="ndarray")
+    if not len(pairs):
+        return None
+    i, j = np.r_[pairs[:, 0], pairs[:, 1]], np.r_[pairs[:, 1], pairs[:, 0]]
+    return sparse.csr_matrix((np.ones(len(i)), (i, j)), shape=(len(xy), len(xy)))
+
+
+def _moran_ratio(graph, measured: np.ndarray, predicted: np.ndarray) -> float:
+    """Median Moran's I of the predicted genes over that of the measured ones (1: as smooth as measured)."""
+    from scanpy.metrics import morans_i
+
+    if graph is None:
+        return float("nan")
+    keep = ~(_is_constant(measured) | _is_constant(predicted))
+    if not keep.any():
+        return float("nan")
+    m = np.median(morans_i(graph, measured[:, keep].T))
+    p = np.median(morans_i(graph, predicted[:, keep].T))
+    return float(p / m) if m > 0 else float("nan")
+
+
 @dataclass
 class _Paired:
     """Predicted and measured (log1p CP10k) expression of the spots both tables annotate, on their shared genes."""
@@ -315,6 +344,7 @@ class _Paired:
     samples: np.ndarray  # per spot
     obs: pd.DataFrame  # per spot: sample, region, spot_id, indexed by measured obs_names
     measured_rows: np.ndarray
+    positions: np.ndarray | None = None  # per spot: the measured table's obsm["spatial"], where it has one
 
     def rows_of(self, sample: str) -> np.ndarray:
         return np.flatnonzero(self.samples == sample)
@@ -368,7 +398,8 @@ def _paired(
         },
         index=pd.Index(meas.obs_names[meas_rows].astype(str), name=None),
     )
-    return _Paired(predicted, measured, shared, samples, obs, meas_rows)
+    positions = np.asarray(meas.obsm[SPATIAL_KEY], dtype=float)[meas_rows, :2] if SPATIAL_KEY in meas.obsm else None
+    return _Paired(predicted, measured, shared, samples, obs, meas_rows, positions)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -471,7 +502,10 @@ def evaluate(
         ``preservation`` (Pearson r between the upper triangles of the measured and the predicted gene-gene
         correlation matrices of the section's HEG; see :func:`~st_from_he.tl.gene_correlation`) and
         ``corr_abs_diff`` (the mean absolute difference of those two matrices: predictions tend to exaggerate
-        gene-gene structure, which a high ``preservation`` does not show).
+        gene-gene structure, which a high ``preservation`` does not show), and ``moran_ratio``: the median Moran's I
+        of the predicted HEG over that of the measured HEG (neighbours: spots within 1.5x the median
+        nearest-neighbour distance, from the measured table's ``obsm["spatial"]``; NaN without positions or with
+        ``per="all"``). Predictions are smoother than counts: a ratio well above 1 says how much.
     ``"per_spot"``
         One row per spot (index: the measured table's ``obs_names``): ``sample``, ``region``, ``spot_id``,
         ``pearson`` (across all evaluated genes).
@@ -568,6 +602,8 @@ def evaluate(
         row["spot_pcc"] = float(spot_r.mean())
         heg = np.asarray(_select_genes("heg", m, list(range(len(genes))), n_genes=n_genes), dtype=int)
         row["preservation"], row["corr_abs_diff"] = _preservation(_corrcoef(m[:, heg]), _corrcoef(p[:, heg]))
+        xy = paired.positions[rows] if paired.positions is not None and per == "sample" else None
+        row["moran_ratio"] = _moran_ratio(None if xy is None else _grid_graph(xy), m[:, heg], p[:, heg])
         per_gene.append(df)
         summary.append(pd.Series(row, name=group))
         spots = paired.obs.iloc[rows].copy()
