@@ -1,14 +1,23 @@
-"""Leave-one-section-out accuracy on the six her2st sections, at full and at 4.6x lower image resolution.
+"""Accuracy on the six her2st sections: leave-one-patient-out first, then leave-one-section-out, at full and at 4.6x
+lower image resolution.
 
-For each held-out section: genes are chosen on the training sections (union of per-section top-``n_top`` HVGs plus
+Leave-one-patient-out (the headline: users predict new patients): every section of a patient is predicted by a model
+trained on the other patients' sections (her2st: C2-C6 -> B4, and B4 -> each of C2-C6; one fit per held-out patient).
+Leave-one-section-out: each section by a model trained on the five others (four of whose folds test a serial section of a
+training patient). Every score is read next to the held-out section's count-noise ceiling (`sth.tl.noise_ceiling`) and
+with the gene-gene structure metrics (`preservation`, `corr_abs_diff`, `moran_ratio`). For the default preset, the rows
+`default:probe` and `default:network` score its ridge probe alone and its network alone (same fit; the blend weights are in
+the `blend` column).
+
+For each fold: genes are chosen on the training sections (union of per-section top-``n_top`` HVGs plus
 the breast markers, kept if measured in the held-out section); every preset is trained on the other five sections
 with the same epoch budget and seed, predicts the held-out section from its image, and predicts it again from a copy
 of its image downsampled 4.6x (about 3.2 um per pixel, the resolution of a Visium "hires" image; the copy is written
 as a JPEG and read back like any user file, its resolution inferred from the spot grid). Scores follow the package's
 evaluation protocol (:func:`st_from_he.tl.evaluate`).
 
-Run: ``python benchmarks/accuracy.py [--data ../shared/data/her2st] [--epochs 20] [--presets default cmrc ridge
-ridge_encoder mean] [--sections C6 ...] [--merge]``. Prints a table and writes ``benchmarks/results/accuracy.md``
+Run: ``python benchmarks/accuracy.py [--data ../shared/data/her2st] [--splits patient section] [--epochs 20] [--presets
+default cmrc ridge ridge_encoder mean] [--sections C6 ...] [--merge]``. Prints a table and writes ``benchmarks/results/accuracy.md``
 and ``benchmarks/results/accuracy.csv``. With ``--merge`` the rows of the presets run replace theirs in the existing
 CSV and the other presets' rows are kept (for re-running only a preset whose code changed); every row records when
 it was measured (``measured_at``) and the report lists the runs.
@@ -27,6 +36,8 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 DOWNSAMPLE = 4.6
 SETS = ("hvg", "heg", "markers", "all")
+CEILINGS = ("ceiling_hvg", "ceiling_heg")
+STRUCTURE = ("preservation", "corr_abs_diff", "moran_ratio")
 
 
 def downsampled_section(data: Path, section: str, factor: float, folder: Path):
@@ -53,19 +64,33 @@ def downsampled_section(data: Path, section: str, factor: float, folder: Path):
     )
 
 
-def folds(sdata, data: Path, sections, n_top: int):
-    """Per held-out section: the training and test sections, the test section read from a 4.6x smaller image, and
-    the genes (chosen on the training sections, kept if measured in the test section)."""
+def folds(sdata, data: Path, sections, n_top: int, split: str):
+    """Per fold: the training sections, the held-out sections (each also read from a 4.6x smaller image), and the
+    genes (chosen on the training sections, kept if measured in every held-out section)."""
     import st_from_he as sth
 
+    table = sdata.tables["table"]
+    patient_of = dict(zip(table.obs["sample"].astype(str), table.obs["patient"].astype(str), strict=False))
+    if split == "patient":
+        groups = {
+            p: [s for s in sections if patient_of[s] == p] for p in dict.fromkeys(patient_of[s] for s in sections)
+        }
+    else:
+        groups = {s: [s] for s in sections}
     with tempfile.TemporaryDirectory() as tmp:
-        for section in sections:
-            train, test = sth.pp.split_sections(sdata, test=[section])
-            small = downsampled_section(data, section, DOWNSAMPLE, Path(tmp))
+        for held_out in groups.values():
+            train, test = sth.pp.split_sections(sdata, test=held_out)
             measured = set(test.tables["table"].var_names)
-            markers = sth.tl.BREAST_MARKERS
-            genes = [g for g in sth.pp.select_genes(train, n_top=n_top, markers=markers) if g in measured]
-            yield section, train, test, small, genes
+            genes = [g for g in sth.pp.select_genes(train, n_top=n_top, markers=sth.tl.BREAST_MARKERS) if g in measured]
+            tests = [
+                (
+                    s,
+                    sth.pp.split_sections(test, test=[s])[1] if len(held_out) > 1 else test,
+                    downsampled_section(data, s, DOWNSAMPLE, Path(tmp)),
+                )
+                for s in held_out
+            ]
+            yield train, tests, genes
 
 
 def _localization(sdata, section: str) -> dict:
@@ -81,6 +106,31 @@ def _localization(sdata, section: str) -> dict:
     return {"tumor_auroc": res["auroc"], "tumor_auroc_measured": res["auroc_measured"]}
 
 
+def _parts(model) -> dict[str, dict[str, float]]:
+    """The default's probe alone and its network alone, as blend weights (the network's own components renormalised)."""
+    blend = model.blend or {}
+    network = {k: w for k, w in blend.items() if k != "ridge"}
+    total = sum(network.values())
+    parts = {}
+    if "ridge" in blend:
+        parts["probe"] = {k: float(k == "ridge") for k in blend}
+    if network:
+        if total > 0:
+            parts["network"] = {k: (w / total if k != "ridge" else 0.0) for k, w in blend.items()}
+        else:  # the blend gave the network no weight: score its components equally
+            parts["network"] = {k: (1.0 / len(network) if k != "ridge" else 0.0) for k in blend}
+    return parts
+
+
+def _score(target, section: str) -> dict:
+    import st_from_he as sth
+
+    summary = sth.tl.evaluate(target, predicted_key="pred")["summary"].loc[section]
+    row = {s: summary[f"pcc_{s}"] for s in SETS}
+    row |= {c: summary[c] for c in (*CEILINGS, *STRUCTURE, "n_constant", "n_genes")}
+    return row
+
+
 def run(args) -> pd.DataFrame:
     import st_from_he as sth
 
@@ -88,35 +138,46 @@ def run(args) -> pd.DataFrame:
     sdata = sth.datasets.her2st(path=data)
     started = time.strftime("%Y-%m-%d %H:%M")  # one stamp per run, for --merge
     rows = []
-    for section, train, test, small, genes in folds(sdata, data, args.sections, args.n_top):
-        for preset in args.presets:
-            model = sth.tl.ExpressionModel(genes, preset=preset)
-            start = time.perf_counter()
-            budget = {"max_epochs": args.epochs, "max_time": args.budget_s} if model.is_neural else {}
-            model.fit(train, seed=args.seed, progress_bar=False, **budget)
-            fit_s = time.perf_counter() - start
-            for resolution, target in (("full", test), (f"{DOWNSAMPLE}x lower", small)):
-                sth.tl.predict_expression(target, model, key_added="pred", overwrite=True, progress_bar=False)
-                summary = sth.tl.evaluate(target, predicted_key="pred")["summary"].loc[section]
-                row = {
-                    "section": section,
-                    "method": preset,
-                    "resolution": resolution,
-                    "pixel_size_um": sth.pp.extract_patches(target).pixel_size_um[section],
-                    "fit_s": fit_s,
-                    "measured_at": started,
-                    "preservation": summary["preservation"],
-                    "n_constant": summary["n_constant"],
-                    "n_genes": summary["n_genes"],
-                }
-                row |= {s: summary[f"pcc_{s}"] for s in SETS}
-                row |= _localization(target, section)
-                rows.append(row)
-                print(
-                    f"{section} {preset:14s} {resolution:10s} HVG {row['hvg']:.3f} HEG {row['heg']:.3f} "
-                    f"markers {row['markers']:.3f} fit {fit_s:.0f} s",
-                    flush=True,
-                )
+    for split in args.splits:
+        for train, tests, genes in folds(sdata, data, args.sections, args.n_top, split):
+            trained_on = ",".join(dict.fromkeys(train.tables["table"].obs["sample"].astype(str)))
+            for preset in args.presets:
+                model = sth.tl.ExpressionModel(genes, preset=preset)
+                start = time.perf_counter()
+                budget = {"max_epochs": args.epochs, "max_time": args.budget_s} if model.is_neural else {}
+                model.fit(train, seed=args.seed, progress_bar=False, **budget)
+                fit_s = time.perf_counter() - start
+                blend = dict(model.blend or {})
+                variants = {preset: blend} | {f"{preset}:{k}": w for k, w in _parts(model).items()}
+                for section, test, small in tests:
+                    for resolution, target in (("full", test), (f"{DOWNSAMPLE}x lower", small)):
+                        for method, weights in variants.items():
+                            model.blend = weights or model.blend
+                            sth.tl.predict_expression(
+                                target, model, key_added="pred", overwrite=True, progress_bar=False
+                            )
+                            row = {
+                                "split": split,
+                                "section": section,
+                                "trained_on": trained_on,
+                                "method": method,
+                                "resolution": resolution,
+                                "pixel_size_um": sth.pp.extract_patches(target).pixel_size_um[section],
+                                "fit_s": fit_s,
+                                "blend": " ".join(f"{k} {w:.1f}" for k, w in blend.items()),
+                                "measured_at": started,
+                            }
+                            row |= _score(target, section)
+                            if resolution == "full":
+                                row |= _localization(target, section)
+                            rows.append(row)
+                            print(
+                                f"{split:7s} {section} {method:16s} {resolution:10s} HVG {row['hvg']:.3f} "
+                                f"(ceiling {row['ceiling_hvg']:.2f}) HEG {row['heg']:.3f} markers {row['markers']:.3f} "
+                                f"fit {fit_s:.0f} s",
+                                flush=True,
+                            )
+                        model.blend = blend
     return pd.DataFrame(rows)
 
 
@@ -125,35 +186,79 @@ def merge(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     old = old.copy()
     if "measured_at" not in old:
         old["measured_at"] = "an earlier run"
-    key = ["section", "method"]
+    if "split" not in old:
+        old["split"] = "section"
+    key = ["split", "section", "method"]
     remeasured = old.set_index(key).index.isin(new.set_index(key).index)
     order = {m: i for i, m in enumerate(dict.fromkeys([*old["method"], *new["method"]]))}
     merged = pd.concat([old[~remeasured], new], ignore_index=True)
     merged["_order"] = merged["method"].map(order)
-    return merged.sort_values(["section", "_order"], kind="stable").drop(columns="_order").reset_index(drop=True)
+    merged = merged.sort_values(["split", "section", "_order"], kind="stable")
+    return merged.drop(columns="_order").reset_index(drop=True)
+
+
+_SPLIT_TITLES = {
+    "patient": "Leave-one-patient-out (a model never sees the held-out patient)",
+    "section": "Leave-one-section-out (five of six folds test a serial section of a training patient)",
+}
+
+
+def _ratios(block: pd.DataFrame) -> list[str]:
+    lines = []
+    for resolution, res in block.groupby(level="resolution", sort=False):
+        res = res.droplevel("resolution")
+        baselines = res.drop(index=[m for m in res.index if m.split(":")[0] in ("default", "cmrc")])
+        if "default" in res.index and len(baselines):
+            best = baselines["hvg"].idxmax()
+            ratio = res.loc["default", "hvg"] / baselines.loc[best, "hvg"]
+            lines.append(
+                f"- {resolution} resolution: default HVG PCC {res.loc['default', 'hvg']:.3f}"
+                + (f" (ceiling {res.loc['default', 'ceiling_hvg']:.2f})" if "ceiling_hvg" in res else "")
+                + f" vs best baseline `{best}` {baselines.loc[best, 'hvg']:.3f}: "
+                f"ratio **{ratio:.2f}x**" + (f"; cmrc {res.loc['cmrc', 'hvg']:.3f}" if "cmrc" in res.index else "")
+            )
+    return lines
 
 
 def report(df: pd.DataFrame, args) -> str:
-    cols = [c for c in (*SETS, "preservation", "tumor_auroc", "tumor_auroc_measured", "fit_s") if c in df]
-    mean = df.groupby(["resolution", "method"], sort=False)[cols].mean()
+    cols = [
+        c
+        for c in (*SETS, *CEILINGS, *STRUCTURE, "tumor_auroc", "tumor_auroc_measured", "fit_s")
+        if c in df and df[c].notna().any()
+    ]
     lines = [
         "# Accuracy",
         "",
-        f"Leave-one-section-out over her2st sections {', '.join(args.sections)}; mean per-gene PCC between predicted "
-        f"and measured log1p(CP10k) expression across each held-out section's spots (HVG-50, HEG-50, breast markers, "
-        f"all genes of the panel), gene-gene correlation preservation on the HEG, tumour-localisation AUROC of the "
-        f"predicted marker score (ERBB2, GRB7, KRT19, KRT8, EPCAM, CD24) against the paper's 'cancer' expression "
-        f"clusters (a weak stand-in for pathologist labels: the clusters come from the measured expression itself; "
-        f"`tumor_auroc_measured` is the same score on measured expression, the upper bound; computed at full resolution only, since the downsampled copy is read without the cluster file), and fit time. Neural "
-        f"presets get the same compute budget: at most {args.budget_s:g} s of training each (and "
-        f"{args.epochs or 'the preset default'} epochs, early stopping on validation loss); seed {args.seed}, 2 CPU "
-        f"threads. Mean over the held-out sections:",
-        "",
-        mean.round(3).reset_index().to_markdown(index=False),
-        "",
-        "![mean PCC per gene set, method and resolution](accuracy.png)",
+        "Mean per-gene PCC between predicted and measured log1p(CP10k) expression across each held-out section's spots "
+        "(HVG-50, HEG-50, breast markers, all genes of the panel), next to the count-noise ceiling of the same genes "
+        "(`ceiling_*`: the PCC a perfect predictor of expected expression would reach against counts this noisy, from "
+        "binomial split halves); gene-gene structure on the HEG: `preservation` (r between the measured and predicted "
+        "correlation matrices), `corr_abs_diff` (their mean absolute difference) and `moran_ratio` (median Moran's I of "
+        "predicted over measured genes: predictions are smoother than counts); tumour-localisation AUROC of the "
+        "predicted marker score (ERBB2, GRB7, KRT19, KRT8, EPCAM, CD24) against the paper's 'cancer' expression clusters "
+        "(a weak stand-in for pathologist labels, derived from the measured expression; `tumor_auroc_measured` is the "
+        "score of the measured expression; full resolution only); fit time. `default:probe` and `default:network` are "
+        "the default model's ridge probe alone and its network alone (same fit). Neural presets get the same compute "
+        f"budget: at most {args.budget_s:g} s of training each ({args.epochs or 'the preset default'} epochs); seed "
+        f"{args.seed}, 2 CPU threads.",
         "",
     ]
+    for split in [s for s in ("patient", "section") if s in set(df.get("split", pd.Series(["section"])))]:
+        part = df[df["split"] == split] if "split" in df else df
+        mean = part.groupby(["resolution", "method"], sort=False)[cols].mean()
+        lines += [f"## {_SPLIT_TITLES[split]}", "", "Mean over the held-out sections:", ""]
+        lines += [mean.round(3).reset_index().to_markdown(index=False), "", *_ratios(mean), ""]
+        has_blends = {"trained_on", "blend"} <= set(part)
+        blends = (
+            part[part["method"] == "default"].drop_duplicates("trained_on")[["trained_on", "blend"]]
+            if has_blends
+            else []
+        )
+        if len(blends):
+            lines += ["Blend weights of the default model, per fit:", "", blends.to_markdown(index=False), ""]
+        per = part[["section", "resolution", "method", *cols]]
+        lines += ["Per section:", "", per.round(3).to_markdown(index=False), ""]
+    lines += ["![mean PCC per gene set, method and resolution](accuracy.png)", ""]
     if "measured_at" in df and df["measured_at"].nunique() > 1:
         runs = df.groupby("measured_at", sort=True)["method"].unique()
         lines += [
@@ -165,29 +270,11 @@ def report(df: pd.DataFrame, args) -> str:
             + ".",
             "",
         ]
-    for resolution, block in mean.groupby(level="resolution", sort=False):
-        block = block.droplevel("resolution")
-        baselines = block.drop(index=[m for m in ("default", "cmrc") if m in block.index])
-        if "default" in block.index and len(baselines):
-            best = baselines["hvg"].idxmax()
-            ratio = block.loc["default", "hvg"] / baselines.loc[best, "hvg"]
-            lines.append(
-                f"- {resolution} resolution: default HVG PCC {block.loc['default', 'hvg']:.3f} vs best "
-                f"baseline `{best}` {baselines.loc[best, 'hvg']:.3f}: ratio **{ratio:.2f}x** (target 1.3x)"
-                + (f"; cmrc {block.loc['cmrc', 'hvg']:.3f}" if "cmrc" in block.index else "")
-            )
-    lines += [
-        "",
-        "Per section:",
-        "",
-        df[["section", "resolution", "method", *cols]].round(3).to_markdown(index=False),
-        "",
-    ]
     return "\n".join(lines)
 
 
 def figure(df: pd.DataFrame, path: Path) -> None:
-    """Mean PCC per gene set and method (dots: sections), at full and at lower resolution, with ``sth.pl.metrics``."""
+    """Mean PCC per gene set and method (dots: sections) at full resolution, one panel per split, with ``sth.pl.metrics``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -195,15 +282,16 @@ def figure(df: pd.DataFrame, path: Path) -> None:
 
     import st_from_he as sth
 
-    tidy = df.melt(
-        id_vars=["section", "method", "resolution"], value_vars=list(SETS), var_name="gene_set", value_name="pearson"
+    df = df.assign(split=df["split"] if "split" in df else "section")
+    full = df[df["resolution"] == "full"]
+    tidy = full.melt(
+        id_vars=["split", "section", "method"], value_vars=list(SETS), var_name="gene_set", value_name="pearson"
     ).rename(columns={"section": "sample"})
-    resolutions = list(dict.fromkeys(tidy["resolution"]))
-    fig, axes = plt.subplots(
-        1, len(resolutions), figsize=(6.5 * len(resolutions), 4), sharey=True, layout="constrained"
-    )
-    for ax, resolution in zip(np.atleast_1d(axes), resolutions, strict=True):
-        sth.pl.metrics(tidy[tidy["resolution"] == resolution], ax=ax, title=f"{resolution} resolution")
+    splits = [s for s in ("patient", "section") if s in set(tidy["split"])]
+    fig, axes = plt.subplots(1, len(splits), figsize=(7 * len(splits), 4), sharey=True, layout="constrained")
+    for ax, split in zip(np.atleast_1d(axes), splits, strict=True):
+        title = _SPLIT_TITLES[split].split(" (")[0]
+        sth.pl.metrics(tidy[tidy["split"] == split].drop(columns="split"), ax=ax, title=title, show=False)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -212,6 +300,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
     parser.add_argument("--sections", nargs="+", default=["B4", "C2", "C3", "C4", "C5", "C6"])
+    parser.add_argument("--splits", nargs="+", default=["patient", "section"], choices=["patient", "section"])
     parser.add_argument("--presets", nargs="+", default=["default", "cmrc", "ridge", "ridge_encoder", "mean"])
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=180, help="training seconds per neural preset and fold")
