@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from st_from_he._logging import logger
-from st_from_he._sdata import SAMPLE_KEY, TABLE_KEY, as_names, check_number
+from st_from_he._sdata import as_names, check_number, spot_sections
 from st_from_he._validate import check_table_raw_counts
 
 from ._normalize import log_normalize, table_of
@@ -25,7 +25,7 @@ def select_genes(
     n_top: int = 1000,
     method: Literal["hvg", "mean"] = "hvg",
     genes: Sequence[str] | None = None,
-    table_key: str = TABLE_KEY,
+    table_key: str | None = None,
     markers: Sequence[str] | None = None,
 ) -> list[str]:
     """Choose the genes to model, section by section.
@@ -41,8 +41,9 @@ def select_genes(
     Parameters
     ----------
     sdata
-        Sections with raw counts in the table's ``X`` and ``obs["sample"]`` (or an :class:`~anndata.AnnData`, taken
-        as one section if it has no ``obs["sample"]``).
+        Sections with raw counts in the table's ``X`` (or an :class:`~anndata.AnnData`). A spot's section is
+        ``obs["sample"]``, else the region it annotates (spatialdata-io's layout); a table with neither is one
+        section.
     n_top
         Genes per section.
     method
@@ -50,7 +51,7 @@ def select_genes(
     genes
         Use exactly these genes instead (their order is kept, duplicates dropped); raises if any is not measured.
     table_key
-        Table holding the counts.
+        Table holding the counts; default ``"table"``, else the only table.
     markers
         Genes to add when measured (e.g. the breast-cancer marker list); those not measured are reported, not an
         error.
@@ -68,7 +69,7 @@ def select_genes(
     >>> "ERBB2" in genes
     True
     """
-    table = table_of(sdata, table_key, "sth.pp.select_genes")
+    table_key, table = table_of(sdata, table_key, "sth.pp.select_genes")
     var_names = table.var_names
     marker_list = _present_markers(markers, var_names)
     if genes is not None:
@@ -88,7 +89,10 @@ def select_genes(
     n_top = check_number(n_top, "n_top", integer=True, unit="genes")
     check_table_raw_counts(table, table_key=table_key)
 
-    sample_col = table.obs[SAMPLE_KEY].astype(str).to_numpy() if SAMPLE_KEY in table.obs else np.zeros(table.n_obs, str)
+    try:
+        sample_col = spot_sections(table, table_key=table_key)
+    except KeyError:  # a table without sections is one section
+        sample_col = np.zeros(table.n_obs, str)
     chosen = np.zeros(table.n_vars, dtype=bool)
     sections = list(dict.fromkeys(sample_col))
     for sample in sections:

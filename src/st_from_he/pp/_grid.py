@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from st_from_he._logging import logger
-from st_from_he._sdata import check_number, check_sdata
+from st_from_he._sdata import check_number, check_sdata, only_image, systems_of
 
 from ._patches import image_of, to_image_pixels
 
@@ -21,8 +21,10 @@ if TYPE_CHECKING:
 
 def spot_grid(
     sdata: SpatialData,
-    image_key: str,
+    image_key: str | None = None,
     *,
+    pixel_size_um: float | None = None,
+    table_key: str | None = None,
     spacing_um: float = 100.0,
     diameter_um: float = 55.0,
     tissue_only: bool = True,
@@ -43,7 +45,13 @@ def spot_grid(
     sdata
         Sections following the package's data model (an image with its micrometre transformation suffices).
     image_key
-        The image element, e.g. ``"C6_image"``.
+        The image element, e.g. ``"C6_image"`` (spatialdata-io: ``"C6_full_image"``); default: the only section's.
+    pixel_size_um
+        Micrometres per pixel of the image's finest level; default: found as :func:`st_from_he.pp.extract_patches`
+        says.
+    table_key
+        Table whose spots tell the image's section and resolution when the image has no micrometre coordinate
+        system; default: any table annotating circles on the image.
     spacing_um
         Centre-to-centre distance of neighbouring pseudo-spots in micrometres (Visium: 100; legacy ST: 200).
     diameter_um
@@ -67,7 +75,7 @@ def spot_grid(
     -------
     The key of the new circles element: centres in pixels of the image, radius in pixels of that image, index
     ``0..n-1`` in row-major order, columns ``array_row`` and ``array_col`` (grid indices), and the image's
-    transformation to the sample's micrometre coordinate system.
+    transformations (so the circles share every coordinate system of the image).
 
     Examples
     --------
@@ -80,10 +88,12 @@ def spot_grid(
     from st_from_he.io._section import spots_element
 
     check_sdata(sdata, "sth.pp.spot_grid")
+    if image_key is None:
+        image_key = only_image(sdata, "sth.pp.spot_grid")
     spacing_um = check_number(spacing_um, "spacing_um", unit="micrometres")
     diameter_um = check_number(diameter_um, "diameter_um", unit="micrometres")
     max_spots = check_number(max_spots, "max_spots", integer=True, unit="spots")
-    sample, px0, levels = image_of(sdata, image_key)
+    sample, px0, levels = image_of(sdata, image_key, table_key=table_key, pixel_size_um=pixel_size_um)
     key = f"{sample}_grid" if key_added is None else key_added
     if not isinstance(key, str) or not key:
         raise TypeError(f"`key_added` must be a non-empty element name, got {key!r}.")
@@ -106,13 +116,16 @@ def spot_grid(
     centres = np.column_stack([xs[cols], ys[rows]])
 
     if tissue_only:
-        on_tissue = _on_tissue(sdata, image_key, sample, centres, tissue_key)
+        on_tissue = _on_tissue(sdata, image_key, sample, centres, tissue_key, px0)
         centres, rows, cols = centres[on_tissue], rows[on_tissue], cols[on_tissue]
         if not len(centres):
             raise ValueError(
                 f"No grid point of {image_key!r} falls on tissue; check the tissue mask or pass `tissue_only=False`."
             )
+    from spatialdata.transformations import set_transformation
+
     element = spots_element(centres, diameter_um / 2 / px0, sample, px0)
+    set_transformation(element, systems_of(sdata, image_key), set_all=True)  # the circles lie on the image
     element["array_row"] = rows
     element["array_col"] = cols
     sdata[key] = element
@@ -127,7 +140,9 @@ def spot_grid(
     return key
 
 
-def _on_tissue(sdata, image_key: str, sample: str, centres: np.ndarray, tissue_key: str | None) -> np.ndarray:
+def _on_tissue(
+    sdata, image_key: str, sample: str, centres: np.ndarray, tissue_key: str | None, pixel_size_um: float
+) -> np.ndarray:
     """Whether each centre (image pixels) lies on tissue."""
     if tissue_key is None and f"{sample}_tissue" in sdata.labels:
         tissue_key = f"{sample}_tissue"
@@ -138,11 +153,11 @@ def _on_tissue(sdata, image_key: str, sample: str, centres: np.ndarray, tissue_k
         from ._patches import image_levels
 
         mask = np.asarray(image_levels(sdata.labels[tissue_key])[0].compute()) != 0
-        to_mask = np.linalg.inv(to_image_pixels(sdata, tissue_key, image_key, sample))
+        to_mask = np.linalg.inv(to_image_pixels(sdata, tissue_key, image_key))
     else:
         from ._tissue import detect_tissue
 
-        mask, (sy, sx) = detect_tissue(sdata, image_key)
+        mask, (sy, sx) = detect_tissue(sdata, image_key, pixel_size_um=pixel_size_um)
         to_mask = np.diag([1 / sx, 1 / sy, 1.0])
     xy = np.column_stack([centres, np.ones(len(centres))]) @ to_mask.T
     col = np.floor(xy[:, 0]).astype(int)

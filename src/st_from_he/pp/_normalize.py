@@ -8,7 +8,7 @@ import numpy as np
 from scipy import sparse
 
 from st_from_he._logging import logger
-from st_from_he._sdata import TABLE_KEY, check_number, check_sdata, check_table_key
+from st_from_he._sdata import check_number, check_sdata, find_table
 from st_from_he._validate import check_raw_counts
 
 if TYPE_CHECKING:
@@ -57,21 +57,24 @@ def log_normalize(counts, *, target_sum: float = TARGET_SUM, keep_sparse: bool =
     return x.astype(np.float32)
 
 
-def table_of(sdata, table_key: str, function: str) -> AnnData:
-    """The table ``table_key`` of a SpatialData (or an AnnData itself), with clear errors naming ``function``."""
+def table_of(sdata, table_key: str | None, function: str) -> tuple[str, AnnData]:
+    """The key and table ``table_key`` of a SpatialData (or an AnnData itself), with clear errors naming ``function``.
+
+    ``table_key=None`` takes ``"table"``, else the only table (see :func:`st_from_he._sdata.find_table`).
+    """
     from anndata import AnnData
 
     if isinstance(sdata, AnnData):
-        return sdata
+        return (table_key or "adata"), sdata
     check_sdata(sdata, function, needs_image=False)
-    check_table_key(sdata, table_key)
-    return sdata.tables[table_key]
+    table_key = find_table(sdata, table_key)
+    return table_key, sdata.tables[table_key]
 
 
 def normalize(
     sdata: SpatialData | AnnData,
     *,
-    table_key: str = TABLE_KEY,
+    table_key: str | None = None,
     target_sum: float = TARGET_SUM,
     key_added: str = "lognorm",
     overwrite: bool = False,
@@ -86,7 +89,7 @@ def normalize(
     sdata
         Sections whose table ``table_key`` holds raw counts in ``X`` (or an :class:`~anndata.AnnData` table itself).
     table_key
-        The table to normalise.
+        The table to normalise; default ``"table"``, else the only table.
     target_sum
         Total each spot is scaled to before the logarithm.
     key_added
@@ -109,7 +112,7 @@ def normalize(
     >>> sdata.tables["table"].layers["lognorm"].dtype
     dtype('float32')
     """
-    table = table_of(sdata, table_key, "sth.pp.normalize")
+    table_key, table = table_of(sdata, table_key, "sth.pp.normalize")
     target_sum = check_number(target_sum, "target_sum", unit="counts")
     if not isinstance(key_added, str) or not key_added:
         raise ValueError(f"`key_added` must be a non-empty layer name, got {key_added!r}.")

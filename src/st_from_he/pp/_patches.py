@@ -15,7 +15,7 @@ import numbers
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -26,17 +26,16 @@ import pandas as pd
 from st_from_he._logging import logger
 from st_from_he._memory import empty_uint8
 from st_from_he._sdata import (
-    SAMPLE_KEY,
-    SPATIAL_KEY,
-    TABLE_KEY,
     as_names,
     check_number,
     check_sdata,
-    get_section,
-    pixel_size_um,
-    table_rows,
+    element_to_element,
+    find_table,
+    image_section,
+    images_of_shapes,
+    per_section,
+    table_sections,
 )
-from st_from_he._sdata import image_key as sample_image_key
 from st_from_he._sdata import samples as table_samples
 from st_from_he._settings import settings
 from st_from_he._validate import check_spots_in_image
@@ -219,50 +218,57 @@ def image_levels(element) -> list[da.Array]:
     return levels
 
 
-def element_sample(sdata: SpatialData, element_key: str) -> str:
-    """The sample (micrometre coordinate system) an element belongs to: one whose image ``f"{S}_image"`` exists."""
-    from spatialdata.transformations import get_transformation
+def shapes_image(sdata: SpatialData, shapes_key: str, image_key=None) -> str:
+    """The image a shapes element's circles lie on.
 
-    systems = list(get_transformation(sdata[element_key], get_all=True))
-    with_image = [cs for cs in systems if sample_image_key(cs) in sdata.images]
-    if len(with_image) > 1:  # prefer the sample that names the element
-        named = [cs for cs in with_image if element_key == sample_image_key(cs) or element_key.startswith(f"{cs}_")]
-        with_image = named or with_image
-    if len(with_image) != 1:
+    ``image_key`` if given, else the package's ``f"{S}_image"`` of a micrometre system ``S`` the circles are in, else
+    the finest image sharing a coordinate system with them.
+    """
+    from st_from_he._sdata import check_image_key, systems_of
+
+    if image_key is not None:
+        return check_image_key(sdata, image_key)
+    systems = list(systems_of(sdata, shapes_key))
+    own = [f"{cs}_image" for cs in systems if f"{cs}_image" in sdata.images]
+    if len(own) > 1:  # prefer the section that names the element
+        own = [key for key in own if shapes_key.startswith(key.removesuffix("image"))] or own
+    if len(own) == 1:
+        return own[0]
+    found = images_of_shapes(sdata, shapes_key)
+    if len(own) > 1 or not found:
         raise ValueError(
-            f"Cannot tell which section element {element_key!r} belongs to: its coordinate systems are {systems}, and "
-            f"a section's coordinate system S needs an image 'S_image' (images present: {sorted(sdata.images)})."
+            f"Cannot tell which image the circles {shapes_key!r} lie on: their coordinate systems are {systems}, "
+            f"shared by {own or 'no image'} (images present: {sorted(sdata.images)}). Pass `image_key=`."
         )
-    return with_image[0]
+    return found[0]
 
 
-def to_image_pixels(sdata: SpatialData, element_key: str, image_key: str, sample: str) -> np.ndarray:
-    """3x3 affine (x, y) matrix from an element's intrinsic coordinates to the pixels of an image of ``sample``."""
-    from spatialdata.transformations import get_transformation
-
-    def affine(key):
-        transforms = get_transformation(sdata[key], get_all=True)
-        if sample not in transforms:
-            raise ValueError(f"Element {key!r} has no transformation to the coordinate system {sample!r}.")
-        return np.asarray(transforms[sample].to_affine_matrix(input_axes=("x", "y"), output_axes=("x", "y")), float)
-
-    return np.linalg.inv(affine(image_key)) @ affine(element_key)
+def element_sample(sdata: SpatialData, element_key: str) -> str:
+    """The section an image or shapes element belongs to (see :func:`st_from_he._sdata.image_section`)."""
+    image = element_key if element_key in sdata.images else shapes_image(sdata, element_key)
+    return image_section(sdata, image, pixel_size_um=1.0).sample
 
 
-def image_of(sdata: SpatialData, image_key: str) -> tuple[str, float, list[da.Array]]:
-    """Sample, micrometres per pixel (finest level) and levels of an image element, with clear errors."""
-    if not isinstance(image_key, str):
-        raise TypeError(
-            f"`image_key` must be the name of an image element, got {type(image_key).__name__} {image_key!r}; "
-            f"images present: {sorted(sdata.images)}."
-        )
-    if image_key not in sdata.images:
-        hint = ""
-        if sample_image_key(image_key) in sdata.images:
-            hint = f" Did you mean {sample_image_key(image_key)!r} (the image of sample {image_key!r})?"
-        raise KeyError(f"No image element {image_key!r}; images present: {sorted(sdata.images)}.{hint}")
-    sample = element_sample(sdata, image_key)
-    return sample, pixel_size_um(sdata, image_key, sample), image_levels(sdata.images[image_key])
+def to_image_pixels(sdata: SpatialData, element_key: str, image_key: str, sample: str | None = None) -> np.ndarray:
+    """3x3 affine (x, y) matrix from an element's intrinsic coordinates to the pixels of an image.
+
+    ``sample`` names the coordinate system to go through; default any system both elements share.
+    """
+    from st_from_he._sdata import systems_of
+
+    cs = sample if sample is not None and sample in systems_of(sdata, element_key) else None
+    return element_to_element(sdata, element_key, image_key, cs)[0]
+
+
+def image_of(
+    sdata: SpatialData, image_key: str, *, table_key: str | None = None, pixel_size_um: float | None = None
+) -> tuple[str, float, list[da.Array]]:
+    """Section, micrometres per pixel (finest level) and levels of an image element, with clear errors.
+
+    The resolution is found as :func:`st_from_he._sdata.section_resolution` says, or ``pixel_size_um``.
+    """
+    sec = image_section(sdata, image_key, table_key=table_key, pixel_size_um=pixel_size_um)
+    return sec.sample, sec.pixel_size_um, image_levels(sdata.images[image_key])
 
 
 def is_monolithic(array: da.Array) -> bool:
@@ -582,7 +588,10 @@ def extract_patches(
     size_px: int = 224,
     context: Sequence[float] | float = (1.0,),
     shapes_key: str | None = None,
-    table_key: str = TABLE_KEY,
+    table_key: str | None = None,
+    image_key: str | Mapping[str, str] | None = None,
+    coordinate_system: str | None = None,
+    pixel_size_um: float | Mapping[str, float] | None = None,
     samples: Sequence[str] | str | None = None,
 ) -> PatchDataset:
     """Image patches of fixed physical size centred on each spot, as a random-access dataset.
@@ -591,10 +600,14 @@ def extract_patches(
     (times each context scale), resampled to ``size_px`` pixels. Patches at the image border are padded with white
     (255), the colour of empty glass, rather than mirrored, which would invent tissue.
 
+    Works on any SpatialData whose table annotates circles (spatialdata's ``region``/``instance_key``), e.g. the
+    package's readers' or spatialdata-io's: a spot's section is ``obs["sample"]`` when present, else the region it
+    annotates; its centre is its circle's, carried into the pixels of the section's image by the transformations.
+
     Parameters
     ----------
     sdata
-        Sections following the package's data model (see :func:`st_from_he.io.read_st`).
+        Sections with H&E images (see :func:`st_from_he.io.read_st`, or spatialdata-io's readers).
     size_um
         Side of a patch in micrometres at context scale 1 (the reference uses 112 um: 224 px at 0.5 um/px).
     size_px
@@ -604,13 +617,22 @@ def extract_patches(
         ``size_px`` (e.g. ``(1.0, 3.0)`` adds a 3x wider view).
     shapes_key
         Take the spots from this shapes element (e.g. pseudo-spots from :func:`st_from_he.pp.spot_grid`) instead of
-        the table: its circle centres (polygon centroids), in element order; its sample is the coordinate system it
-        shares with an image ``f"{S}_image"``. ``table_key`` is then ignored.
+        the table: its circle centres (polygon centroids), in element order.
     table_key
-        Table whose rows are the spots (in table order), with ``obs["sample"]`` and the spot centres in pixels of the
-        sample's image in ``obsm["spatial"]``.
+        Table whose rows are the spots (in table order). Default: ``"table"``, else the only table.
+    image_key
+        The H&E image of each section: a name (one section), or a dict by section id. Default: the package's
+        ``f"{S}_image"``, else the finest image sharing a coordinate system with the section's circles (those named
+        after the section first, e.g. spatialdata-io's ``f"{S}_full_image"`` before ``f"{S}_hires_image"``).
+    coordinate_system
+        The coordinate system in which circles and image are matched; default: the first one they share.
+    pixel_size_um
+        Micrometres per pixel of the image (its finest level): a number, or a dict by section. Default, in this
+        order: the section's micrometre coordinate system (the package's readers), Space Ranger's
+        ``spot_diameter_fullres`` (65 um; in ``table.uns["spatial"]`` or as spatialdata-io's Visium circles), the
+        Visium spot grid (``array_row``/``array_col``); else an error asks for it.
     samples
-        Only the spots of these samples (default: all).
+        Only the spots of these sections (default: all).
 
     Returns
     -------
@@ -634,16 +656,21 @@ def extract_patches(
     if samples is not None:
         samples = as_names(samples, "samples")
     if shapes_key is not None:
-        names, sample_of, spatial = _spots_from_shapes(sdata, shapes_key, samples)
+        names, sample_of, spatial, found = _spots_from_shapes(
+            sdata, shapes_key, samples, image_key, table_key, pixel_size_um, coordinate_system
+        )
     else:
-        names, sample_of, spatial = _spots_from_table(sdata, table_key, samples)
-
+        names, sample_of, spatial, found = _spots_from_table(
+            sdata, table_key, samples, image_key, pixel_size_um, coordinate_system
+        )
     sections = {}
-    for sample in dict.fromkeys(sample_of):
-        sec = get_section(sdata, sample)
+    for sample, sec in found.items():
         levels = tuple(image_levels(sdata.images[sec.image_key]))
         h, w = levels[0].shape[1:]
         check_spots_in_image(spatial[sample_of == sample], h, w, sample=sample)
+        logger.debug(
+            "%s: image %r, %.4g um per pixel (%s)", sample, sec.image_key, sec.pixel_size_um, sec.resolution_source
+        )
         sections[sample] = _Section(sample, sec.image_key, sec.pixel_size_um, levels, is_monolithic(levels[0]))
     return PatchDataset(
         sections,
@@ -671,43 +698,56 @@ def _check_geometry(size_um, size_px, context) -> tuple[float, int, tuple[float,
     return size_um, size_px, context
 
 
-def _spots_from_table(sdata, table_key, samples):
-    if table_key not in sdata.tables:
+def _spots_from_table(sdata, table_key, samples, image_key, pixel_size_um, coordinate_system):
+    if table_key is None and not sdata.tables:
         raise KeyError(
-            f"No table {table_key!r}; tables present: {sorted(sdata.tables)}. For an H&E-only slide make pseudo-spots "
-            f"with `sth.pp.spot_grid` and pass their `shapes_key`."
+            "The SpatialData has no table. For an H&E-only slide make pseudo-spots with `sth.pp.spot_grid` and pass "
+            "their `shapes_key`."
         )
+    table_key = find_table(sdata, table_key)
     table = sdata.tables[table_key]
-    if SPATIAL_KEY not in table.obsm:
-        raise KeyError(f"Table {table_key!r} has no obsm[{SPATIAL_KEY!r}] with the spot centres in pixels.")
     present = table_samples(sdata, table_key)
     if samples is not None:
         unknown = [s for s in samples if s not in present]
         if unknown:
             raise ValueError(f"Unknown sample(s) {unknown} in table {table_key!r}; present: {present}.")
-        rows = np.sort(np.concatenate([table_rows(table, s) for s in samples]))
+        from st_from_he._sdata import spot_sections
+
+        rows = np.flatnonzero(np.isin(spot_sections(table, table_key=table_key), samples))
     else:
         rows = np.arange(table.n_obs)
     if len(rows) == 0:
         raise ValueError(f"Table {table_key!r} has no spots{'' if samples is None else f' of samples {samples}'}.")
-    spatial = np.asarray(table.obsm[SPATIAL_KEY], dtype=float)[rows, :2]
-    sample_of = table.obs[SAMPLE_KEY].astype(str).to_numpy()[rows]
-    return table.obs_names[rows], sample_of, spatial
+    found, sample_of, spatial = table_sections(
+        sdata,
+        table_key,
+        rows=rows,
+        image_key=image_key,
+        coordinate_system=coordinate_system,
+        pixel_size_um=pixel_size_um,
+    )
+    return table.obs_names[rows], sample_of, spatial, found
 
 
-def _spots_from_shapes(sdata, shapes_key, samples):
-    if shapes_key not in sdata.shapes:
+def _spots_from_shapes(sdata, shapes_key, samples, image_key, table_key, pixel_size_um, coordinate_system):
+    if not isinstance(shapes_key, str) or shapes_key not in sdata.shapes:
         raise KeyError(f"No shapes element {shapes_key!r}; shapes present: {sorted(sdata.shapes)}.")
-    sample = element_sample(sdata, shapes_key)
-    if samples is not None and sample not in samples:
-        raise ValueError(f"Shapes {shapes_key!r} belong to sample {sample!r}, which is not among `samples`={samples}.")
     shapes = sdata.shapes[shapes_key]
     if len(shapes) == 0:
         raise ValueError(f"Shapes element {shapes_key!r} is empty.")
+    image = shapes_image(sdata, shapes_key, None if isinstance(image_key, Mapping) else image_key)
+    sample = image_section(sdata, image, table_key=table_key, pixel_size_um=1.0).sample  # the id only
+    if isinstance(image_key, Mapping) and sample in image_key:
+        image = shapes_image(sdata, shapes_key, image_key[sample])
+    sec = image_section(sdata, image, table_key=table_key, pixel_size_um=per_section(pixel_size_um, sample))
+    if samples is not None and sec.sample not in samples:
+        raise ValueError(
+            f"Shapes {shapes_key!r} belong to sample {sec.sample!r}, which is not among `samples`={samples}."
+        )
     geometry = shapes.geometry
     points = geometry if (geometry.geom_type == "Point").all() else geometry.centroid
     xy = np.column_stack([points.x.to_numpy(float), points.y.to_numpy(float), np.ones(len(points))])
-    matrix = to_image_pixels(sdata, shapes_key, sample_image_key(sample), sample)
+    matrix, _ = element_to_element(sdata, shapes_key, image, coordinate_system)
     spatial = (xy @ matrix.T)[:, :2]
     names = pd.Index([f"{shapes_key}-{i}" for i in shapes.index])
-    return names, np.full(len(names), sample), spatial
+    return names, np.full(len(names), sec.sample), spatial, {sec.sample: sec}

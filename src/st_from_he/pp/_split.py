@@ -9,7 +9,16 @@ import numpy as np
 import pandas as pd
 
 from st_from_he._logging import logger
-from st_from_he._sdata import SAMPLE_KEY, TABLE_KEY, as_names, check_sdata, check_table_key, samples
+from st_from_he._sdata import (
+    SAMPLE_KEY,
+    as_names,
+    check_sdata,
+    find_table,
+    samples,
+    spot_regions,
+    spot_sections,
+    systems_of,
+)
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -21,12 +30,16 @@ def split_sections(
     *,
     test: Sequence[str] | str,
     val: Sequence[str] | str | None = None,
-    table_key: str = TABLE_KEY,
+    table_key: str | None = None,
 ) -> tuple[SpatialData, ...]:
     """Split sections into training and test (and validation) sets by sample id.
 
-    Every element (image, labels, shapes, points) goes with the sample whose coordinate system it belongs to; every
-    table keeps the rows of its set's samples, re-annotating only the regions that remain.
+    A spot's section is ``obs["sample"]`` when the table has it, else the region (shapes element) it annotates, as
+    spatialdata-io writes. Every element (image, labels, shapes, points) goes with the section whose coordinate
+    systems it is in: the section's id and the systems of the circles its spots annotate (e.g. spatialdata-io's
+    ``"C6"``, ``"C6_downscaled_hires"``); where several sections share a system (e.g. ``"global"``), an element goes
+    with the section it is named after (``f"{S}_..."``) or whose spots it holds. Every table keeps the rows of its
+    set's sections, re-annotating only the regions that remain.
 
     Parameters
     ----------
@@ -37,8 +50,8 @@ def split_sections(
     val
         Sample id(s) of a validation set, if wanted.
     table_key
-        Table whose ``obs["sample"]`` lists the samples; it must exist unless ``sdata`` holds no table at all (an
-        H&E-only SpatialData, whose samples are those of its images).
+        Table whose spots list the sections; default ``"table"``, else the only table. It must exist unless ``sdata``
+        holds no table at all (an H&E-only SpatialData, whose sections are those of its images ``f"{S}_image"``).
 
     Returns
     -------
@@ -56,7 +69,7 @@ def split_sections(
     """
     check_sdata(sdata, "sth.pp.split_sections", needs_image=False)
     if sdata.tables:  # without any table (H&E only) the sections are those of the images
-        check_table_key(sdata, table_key)
+        table_key = find_table(sdata, table_key)
     present = samples(sdata, table_key)
     test = _as_list(test, "test")
     val = _as_list(val, "val") if val is not None else []
@@ -84,19 +97,48 @@ def _as_list(ids, name: str) -> list[str]:
     return [str(s) for s in ids]
 
 
-def _subset(sdata: SpatialData, keep: list[str], table_key: str) -> SpatialData:
-    """The elements of samples ``keep`` and the matching table rows, as a new SpatialData."""
-    from spatialdata import SpatialData
-    from spatialdata.transformations import get_transformation
+def _section_systems(sdata: SpatialData, table_key: str | None, present: list[str]) -> dict[str, set[str]]:
+    """The coordinate systems that belong to one section only: its id and those of the circles its spots annotate."""
+    systems = {sample: {sample} for sample in present}
+    if table_key is not None and table_key in sdata.tables:
+        table = sdata.tables[table_key]
+        regions = spot_regions(table)
+        if regions is not None:
+            sample_of = spot_sections(table, table_key=table_key)
+            for sample in present:
+                for region in dict.fromkeys(regions[sample_of == sample]):
+                    if region in sdata.shapes:
+                        systems[sample] |= set(systems_of(sdata, region))
+    claims = [cs for found in systems.values() for cs in found]
+    return {sample: {cs for cs in found if claims.count(cs) == 1} for sample, found in systems.items()}
 
+
+def _subset(sdata: SpatialData, keep: list[str], table_key: str | None) -> SpatialData:
+    """The elements of sections ``keep`` and the matching table rows, as a new SpatialData."""
+    from spatialdata import SpatialData
+
+    present = samples(sdata, table_key)
+    own = _section_systems(sdata, table_key, present)
+    mine = set().union(*(own[s] for s in keep))
+    anyone = set().union(*own.values())
+    regions_kept = set()
+    if table_key is not None and table_key in sdata.tables:
+        table = sdata.tables[table_key]
+        regions = spot_regions(table)
+        if regions is not None:
+            regions_kept = set(regions[np.isin(spot_sections(table, table_key=table_key), keep)])
     kinds = {"images": {}, "labels": {}, "points": {}, "shapes": {}}
     orphans = []
     for kind in kinds:
         for name, element in getattr(sdata, kind).items():
-            systems = set(get_transformation(element, get_all=True))
-            if systems & set(keep):
+            systems = set(systems_of(sdata, name))
+            if systems & mine or name in regions_kept:
                 kinds[kind][name] = element
-            elif not systems & set(samples(sdata, table_key)):
+            elif systems & anyone:
+                continue  # another section's
+            elif any(name.startswith(f"{s}_") for s in keep):  # in a system shared by sections: named after one
+                kinds[kind][name] = element
+            elif not any(name.startswith(f"{s}_") for s in present):
                 orphans.append(name)
     if orphans:
         logger.info("Element(s) %s belong to no section's coordinate system and are left out.", orphans)
@@ -108,22 +150,22 @@ def _subset(sdata: SpatialData, keep: list[str], table_key: str) -> SpatialData:
             tables[name] = sub
         elif name == table_key:
             raise ValueError(f"Table {table_key!r} has no rows for samples {keep}.")
-    return SpatialData(**kinds, tables=tables)
+    return SpatialData(**kinds, tables=tables, attrs=dict(sdata.attrs))
 
 
 def _filter_table(table: AnnData, keep: list[str], kept_elements: set[str]) -> AnnData | None:
-    """Rows of ``table`` for samples ``keep`` annotating kept elements, re-parsed with the remaining regions."""
+    """Rows of ``table`` for sections ``keep`` annotating kept elements, re-parsed with the remaining regions."""
     from spatialdata.models import TableModel
 
     attrs = table.uns.get(TableModel.ATTRS_KEY)
     mask = np.ones(table.n_obs, dtype=bool)
     if SAMPLE_KEY in table.obs:
         mask &= table.obs[SAMPLE_KEY].astype(str).isin(keep).to_numpy()
-    if attrs:
-        mask &= table.obs[attrs[TableModel.REGION_KEY_KEY]].astype(str).isin(kept_elements).to_numpy()
-    elif SAMPLE_KEY not in table.obs:
+    elif not attrs:
         logger.info("A table annotates no element and has no obs[%r]; it is kept whole in every split.", SAMPLE_KEY)
         return table.copy()
+    if attrs:  # rows annotating elements of the kept sections (without obs["sample"], the region is the section)
+        mask &= table.obs[attrs[TableModel.REGION_KEY_KEY]].astype(str).isin(kept_elements).to_numpy()
     sub = table[mask].copy()
     for col in sub.obs.columns:
         if isinstance(sub.obs[col].dtype, pd.CategoricalDtype):

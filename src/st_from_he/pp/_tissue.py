@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from st_from_he._logging import logger
-from st_from_he._sdata import check_number, check_sdata, micrometre_transform
+from st_from_he._sdata import check_number, check_sdata, only_image, systems_of
 
 from ._patches import image_of
 
@@ -61,8 +61,10 @@ def _disk(radius: int) -> np.ndarray:
 
 def detect_tissue(
     sdata: SpatialData,
-    image_key: str,
+    image_key: str | None = None,
     *,
+    pixel_size_um: float | None = None,
+    table_key: str | None = None,
     level: int | None = None,
     method: Literal["triangle", "otsu"] = "triangle",
     min_area_um2: float = 5e4,
@@ -86,7 +88,14 @@ def detect_tissue(
     sdata
         Sections following the package's data model.
     image_key
-        The image element, e.g. ``"C6_image"``.
+        The image element, e.g. ``"C6_image"`` (spatialdata-io: ``"C6_full_image"``); default: the only section's.
+    pixel_size_um
+        Micrometres per pixel of the image's finest level; default: found as :func:`st_from_he.pp.extract_patches`
+        says (the micrometre coordinate system, Space Ranger's scale factors or the Visium grid of the table
+        ``table_key``'s spots).
+    table_key
+        Table whose spots tell the image's section and resolution when the image has no micrometre coordinate
+        system; default: any table annotating circles on the image.
     level
         Pyramid level to read (0 = finest); by default the coarsest level of at most 16 um per pixel.
     method
@@ -95,7 +104,8 @@ def detect_tissue(
         Smallest piece of tissue kept, in square micrometres.
     key_added
         Also store the mask as a labels element under this key (``f"{S}_tissue"`` by convention; 1 = tissue,
-        0 = glass), with the transformation to the sample's micrometre coordinate system. ``None`` stores nothing.
+        0 = glass), with the image's transformations (to each of its coordinate systems) after the mask's own
+        downscaling. ``None`` stores nothing.
     overwrite
         Replace an existing element ``key_added``.
 
@@ -116,7 +126,9 @@ def detect_tissue(
     from scipy import ndimage as ndi
 
     check_sdata(sdata, "sth.pp.detect_tissue")
-    sample, px0, levels = image_of(sdata, image_key)
+    if image_key is None:
+        image_key = only_image(sdata, "sth.pp.detect_tissue")
+    sample, px0, levels = image_of(sdata, image_key, table_key=table_key, pixel_size_um=pixel_size_um)
     if key_added is not None and not overwrite and key_added in sdata:
         raise KeyError(f"Element {key_added!r} exists; pass `overwrite=True` or another `key_added`.")
     if method not in ("triangle", "otsu"):
@@ -176,9 +188,9 @@ def detect_tissue(
         from spatialdata.models import Labels2DModel
         from spatialdata.transformations import Scale, Sequence
 
-        transform = Sequence([Scale([sy, sx], axes=("y", "x")), micrometre_transform(px0)])
-        sdata[key_added] = Labels2DModel.parse(
-            mask.astype(np.uint8), dims=("y", "x"), transformations={sample: transform}
-        )
+        # mask pixel -> image pixel, then wherever the image goes
+        down = Scale([sy, sx], axes=("y", "x"))
+        transforms = {cs: Sequence([down, t]) for cs, t in systems_of(sdata, image_key).items()}
+        sdata[key_added] = Labels2DModel.parse(mask.astype(np.uint8), dims=("y", "x"), transformations=transforms)
         logger.info("Stored the tissue mask as labels %r", key_added)
     return mask, (float(sy), float(sx))

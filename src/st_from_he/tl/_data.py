@@ -70,17 +70,33 @@ def spot_arrays(
     size_um: float,
     size_px: int,
     context: Sequence[float],
-    table_key: str = TABLE_KEY,
+    table_key: str | None = TABLE_KEY,
     fill_missing_genes: bool = False,
     spots: Sequence[str] | None = None,
+    image_key=None,
+    coordinate_system: str | None = None,
+    pixel_size_um=None,
 ) -> SpotArrays:
     """Patches and log-normalised targets of the measured spots (rows of ``table_key``) of one SpatialData.
 
-    ``spots`` restricts to these obs_names (few-shot training).
+    ``spots`` restricts to these obs_names (few-shot training). ``table_key=None`` takes the obvious table
+    (:func:`st_from_he._sdata.find_table`); ``image_key``, ``coordinate_system`` and ``pixel_size_um`` are passed
+    to :func:`st_from_he.pp.extract_patches`.
     """
+    from st_from_he._sdata import find_table
     from st_from_he.pp import extract_patches
 
-    dataset = extract_patches(sdata, size_um=size_um, size_px=size_px, context=tuple(context), table_key=table_key)
+    table_key = find_table(sdata, table_key, what="measured")
+    dataset = extract_patches(
+        sdata,
+        size_um=size_um,
+        size_px=size_px,
+        context=tuple(context),
+        table_key=table_key,
+        image_key=image_key,
+        coordinate_system=coordinate_system,
+        pixel_size_um=pixel_size_um,
+    )
     obs = pd.DataFrame({SAMPLE_KEY: np.asarray(dataset.samples).astype(str)}, index=dataset.obs_names)
     idx = np.arange(len(dataset))  # the dataset's items are the table's rows, in order
     if spots is not None:

@@ -12,9 +12,13 @@ from st_from_he._sdata import (
     REGION_KEY,
     SAMPLE_KEY,
     SPATIAL_KEY,
-    TABLE_KEY,
     check_number,
     check_sdata,
+    find_table,
+    spot_regions,
+    spot_sections,
+    systems_of,
+    table_attrs,
 )
 from st_from_he._settings import settings
 
@@ -24,8 +28,11 @@ def predict_expression(
     model=None,
     *,
     reference=None,
-    table_key: str = TABLE_KEY,
+    table_key: str | None = None,
     shapes_key: str | None = None,
+    image_key=None,
+    coordinate_system: str | None = None,
+    pixel_size_um=None,
     key_added: str = PREDICTED_KEY,
     batch_size: int = 64,
     device: str | None = None,
@@ -50,9 +57,13 @@ def predict_expression(
         Instead of ``model``: measured sections (a SpatialData or a list) on which a ``"default"`` model over
         :func:`st_from_he.pp.select_genes` genes is trained first.
     table_key
-        Table whose rows are the spots to predict (used when ``shapes_key`` is ``None``).
+        Table whose rows are the spots to predict (used when ``shapes_key`` is ``None``); default ``"table"``, else
+        the only table. Each spot's section is its ``obs["sample"]``, else the region (circles) it annotates.
     shapes_key
         Circles element to predict at instead (e.g. ``"C6_grid"``); needed for sections without a table.
+    image_key, coordinate_system, pixel_size_um
+        Which image each section's patches are cut from, where circles and image meet, and its resolution; the
+        defaults find them (see :func:`st_from_he.pp.extract_patches`).
     key_added
         Key of the new table.
     batch_size
@@ -100,25 +111,21 @@ def predict_expression(
     check_sdata(sdata, "sth.tl.predict_expression")
     progress_bar = settings.progress_bar if progress_bar is None else progress_bar
     batch_size = check_number(batch_size, "batch_size", integer=True, unit="patches")
-    _check_key_added(sdata, key_added, table_key=table_key, overwrite=overwrite)
     if shapes_key is None:
-        if table_key not in sdata.tables:
+        if not sdata.tables:
             raise KeyError(
-                f"No table {table_key!r} to take spots from (`table_key`); tables present: {sorted(sdata.tables)}. "
-                f"For an H&E-only slide make pseudo-spots with `sth.pp.spot_grid` and pass their `shapes_key`."
+                "The SpatialData has no table to take spots from. For an H&E-only slide make pseudo-spots with "
+                "`sth.pp.spot_grid` and pass their `shapes_key`."
             )
-        missing = [k for k in (SAMPLE_KEY, REGION_KEY, INSTANCE_KEY) if k not in sdata.tables[table_key].obs]
-        if missing:
-            raise KeyError(
-                f"Table {table_key!r} has no obs column(s) {missing}: each spot needs its section (sample), circles "
-                f"element (region) and circle (instance id), as the `sth.io` readers and `attach_histology` write."
-            )
+        table_key = find_table(sdata, table_key)
+        spot_sections(sdata.tables[table_key], table_key=table_key)  # each spot's section, or a clear error
     elif not isinstance(shapes_key, str) or shapes_key not in sdata.shapes:
         raise KeyError(f"No shapes element {shapes_key!r} (`shapes_key`); shapes present: {sorted(sdata.shapes)}.")
+    _check_key_added(sdata, key_added, table_key=table_key, overwrite=overwrite)
     if model is None:
         if reference is None:
             raise ValueError("Pass a fitted `model`, or `reference=` sections to train a default model on.")
-        model = _default_model(reference, table_key=table_key)
+        model = _default_model(reference)
     elif reference is not None:
         raise ValueError("Pass either `model` or `reference`, not both.")
     if not isinstance(model, ExpressionModel):
@@ -136,11 +143,19 @@ def predict_expression(
         context=tuple(model.context),
         shapes_key=shapes_key,
         table_key=table_key,
+        image_key=image_key,
+        coordinate_system=coordinate_system,
+        pixel_size_um=pixel_size_um,
     )
     with timed(f"Predicting {len(model.genes)} genes at {len(patches)} spots"):
-        expression, embeddings = model.predict_patches(
-            patches, groups=patches.samples, device=device, batch_size=batch_size, progress_bar=progress_bar
-        )
+        if model.features is not None:  # [features] heads on cached embeddings: read obsm (checked), cut no patches
+            expression, embeddings = model.predict_table(
+                sdata, table_key=table_key, shapes_key=shapes_key, device=device, progress_bar=progress_bar
+            )
+        else:
+            expression, embeddings = model.predict_patches(
+                patches, groups=patches.samples, device=device, batch_size=batch_size, progress_bar=progress_bar
+            )
     obs = _spot_obs(sdata, patches, table_key=table_key, shapes_key=shapes_key)
     table = ad.AnnData(X=expression, obs=obs, var=pd.DataFrame(index=pd.Index(model.genes, name=None)))
     table.obsm[SPATIAL_KEY] = np.asarray(patches.spatial, dtype=float)
@@ -158,7 +173,7 @@ def predict_expression(
         },
         "units": "log1p(counts per 10,000)",
         # each circles element's micrometre coordinate system: squidpy's `elements_to_coordinate_systems`
-        "coordinate_systems": {str(r): str(smp) for r, smp in obs[[REGION_KEY, SAMPLE_KEY]].drop_duplicates().values},
+        "coordinate_systems": _coordinate_systems(sdata, obs),
     }
     regions = list(dict.fromkeys(obs[REGION_KEY].astype(str)))
     sdata.tables[key_added] = TableModel.parse(table, region=regions, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
@@ -190,15 +205,30 @@ def _check_key_added(sdata, key_added, *, table_key: str, overwrite: bool) -> No
     logger.info("Replacing the prediction table %r.", key_added)
 
 
-def _spot_obs(sdata, patches, *, table_key: str, shapes_key: str | None) -> pd.DataFrame:
+def _spot_obs(sdata, patches, *, table_key: str | None, shapes_key: str | None) -> pd.DataFrame:
     """sample, region and instance id of every patch's spot, keyed by the patches' obs_names."""
     names = pd.Index(patches.obs_names)
     if shapes_key is None:
         # patches follow the table's rows one to one (by position: obs_names need not be unique)
-        measured = sdata.tables[table_key].obs
-        if len(measured) != len(names) or not np.array_equal(measured.index.to_numpy(), names.to_numpy()):
+        measured = sdata.tables[table_key]
+        if measured.n_obs != len(names) or not np.array_equal(measured.obs_names.to_numpy(), names.to_numpy()):
             raise RuntimeError("Patches and table rows disagree; this is a bug, please report it.")
-        obs = measured[[SAMPLE_KEY, REGION_KEY, INSTANCE_KEY]].copy()
+        regions = spot_regions(measured)
+        _, instance_key, _ = table_attrs(measured)
+        if regions is None or instance_key is None:
+            raise KeyError(
+                f"Table {table_key!r} annotates no circles (no spatialdata region and instance key), so the "
+                f"predictions could not annotate them. Parse it with `spatialdata.models.TableModel.parse(table, "
+                f"region=..., region_key=..., instance_key=...)`."
+            )
+        obs = pd.DataFrame(
+            {
+                SAMPLE_KEY: np.asarray(patches.samples).astype(str),
+                REGION_KEY: regions,
+                INSTANCE_KEY: measured.obs[instance_key].to_numpy(),
+            },
+            index=names,
+        )
     else:
         obs = pd.DataFrame(
             {
@@ -213,7 +243,19 @@ def _spot_obs(sdata, patches, *, table_key: str, shapes_key: str | None) -> pd.D
     return obs
 
 
-def _default_model(reference, *, table_key: str):
+def _coordinate_systems(sdata, obs: pd.DataFrame) -> dict[str, str]:
+    """Each circles element's coordinate system for squidpy.
+
+    Its section's own system (micrometres in the package's layout) when it has one, else the first one it has.
+    """
+    out = {}
+    for region, sample in obs[[REGION_KEY, SAMPLE_KEY]].drop_duplicates().to_numpy():
+        systems = list(systems_of(sdata, str(region))) if str(region) in sdata.shapes else []
+        out[str(region)] = str(sample) if not systems or str(sample) in systems else str(systems[0])
+    return out
+
+
+def _default_model(reference):
     from st_from_he.pp import select_genes
 
     from ._data import as_list
@@ -222,6 +264,10 @@ def _default_model(reference, *, table_key: str):
     parts = as_list(reference)
     for part in parts:
         check_sdata(part, "sth.tl.predict_expression(reference=...)")
+    keys = {find_table(part, None, what="measured") for part in parts}
+    if len(keys) != 1:
+        raise ValueError(f"The `reference` sections keep their counts in differently named tables {sorted(keys)}.")
+    table_key = keys.pop()
     genes = list(dict.fromkeys(g for s in parts for g in select_genes(s, table_key=table_key)))
     shared = set.intersection(*(set(s.tables[table_key].var_names) for s in parts))
     genes = [g for g in genes if g in shared]
