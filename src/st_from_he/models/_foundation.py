@@ -450,6 +450,10 @@ def load_pretrained(
     name
         The encoder's name, for messages.
 
+    Returns
+    -------
+    Nothing: the model's tensors are replaced in place.
+
     Raises
     ------
     ValueError
