@@ -15,13 +15,14 @@ elements through zarr.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+from st_from_he._validate import check_number
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -343,9 +344,10 @@ def section_resolution(
     if implied is not None:
         return implied, where
     raise ValueError(
-        f"Image {image!r} (section {sample!r}): its resolution is unknown, as it has no micrometre coordinate system "
-        f"(the `sth.io` readers record one), no Visium scale factors (spot_diameter_fullres) and no Visium spot grid. "
-        f"Pass `pixel_size_um=` (micrometres per pixel of the image's finest level; a dict by section for several)."
+        f"Image {image!r} (section {sample!r}) has no transformation to the micrometre coordinate system "
+        f"{sample!r}, so its resolution is unknown: the `sth.io` readers record one; nor are there Visium scale "
+        f"factors (spot_diameter_fullres) or a Visium spot grid to infer it from. Pass `pixel_size_um=` "
+        f"(micrometres per pixel of the image's finest level; a dict by section for several)."
     )
 
 
@@ -470,7 +472,19 @@ def table_sections(
         for shapes_key in shapes:
             sel = mine[regions[mine] == shapes_key]
             matrix, used = element_to_element(sdata, shapes_key, image, coordinate_system)
-            xy = _circle_centres(sdata, shapes_key, table, rows[sel], instance_key, table_key)
+            try:
+                xy = _circle_centres(sdata, shapes_key, table, rows[sel], instance_key, table_key)
+            except KeyError as error:
+                # the package's layout documents obsm["spatial"] as pixels of the image: use it, saying why
+                if SPATIAL_KEY not in table.obsm or micrometre_system(sdata, image) is None:
+                    raise
+                from st_from_he._logging import logger
+
+                logger.warning(
+                    "%s Taking the spot centres from obsm[%r] (pixels of %r).", error.args[0], SPATIAL_KEY, image
+                )
+                centres[sel] = np.asarray(table.obsm[SPATIAL_KEY], dtype=float)[rows[sel], :2]
+                continue
             centres[sel] = xy @ matrix[:2, :2].T + matrix[:2, 2]
         rest = mine if regions is None else mine[~np.isin(regions[mine], shapes)]
         if len(rest):
@@ -580,31 +594,6 @@ def check_sdata(sdata, function: str, *, needs_image: bool = True) -> None:
             f"together with `sth.io.concatenate(...)`, or call it once per SpatialData."
         )
     raise TypeError(f"`{function}` takes a SpatialData, got {type(sdata).__name__}.")
-
-
-def check_number(value, name: str, *, positive: bool = True, integer: bool = False, unit: str = "") -> float | int:
-    """``value`` as a float (or int), with a clear error for strings, ``None``, booleans, NaN and non-positive values.
-
-    Parameters
-    ----------
-    value
-        What the user passed.
-    name
-        The argument's name, for the message.
-    positive
-        Require ``value > 0`` (else ``value >= 0``).
-    integer
-        Require a whole number, returned as :class:`int`.
-    unit
-        What the number counts, for the message (e.g. ``"micrometres"``).
-    """
-    kind = ("a positive " if positive else "a non-negative ") + ("integer" if integer else "number")
-    what = f"{kind}{f' of {unit}' if unit else ''}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be {what}, got {type(value).__name__} {value!r}.")
-    if not np.isfinite(value) or (value <= 0 if positive else value < 0) or (integer and int(value) != value):
-        raise ValueError(f"`{name}` must be {what}, got {value!r}.")
-    return int(value) if integer else float(value)
 
 
 def check_table_key(sdata: SpatialData, key, *, what: str = "", argument: str = "table_key") -> None:

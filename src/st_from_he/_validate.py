@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 from scipy import sparse
 
@@ -81,21 +83,40 @@ def counts_dtype(x, *, where: str) -> type:
     raise ValueError(f"{where} contains a count of {top}, beyond any integer type; the file is probably corrupt.")
 
 
-def check_number(value, name: str, *, allow_none: bool = True) -> float | None:
-    """``value`` as a positive finite float; a clear TypeError or ValueError naming the argument ``name`` otherwise.
+def check_number(
+    value, name: str, *, positive: bool = True, integer: bool = False, unit: str = "", allow_none: bool = False
+) -> float | int | None:
+    """``value`` as a float (or int); a clear TypeError or ValueError naming the argument ``name`` otherwise.
 
-    Strings are refused rather than parsed, so that ``pixel_size_um="0.69"`` is caught where it is written.
+    Strings are refused rather than parsed, so that ``pixel_size_um="0.69"`` is caught where it is written; so are
+    booleans, NaN, infinities and values out of range.
+
+    Parameters
+    ----------
+    value
+        What the user passed.
+    name
+        The argument's name, for the message.
+    positive
+        Require ``value > 0`` (else ``value >= 0``).
+    integer
+        Require a whole number, returned as :class:`int`.
+    unit
+        What the number counts, for the message (e.g. ``"micrometres"``).
+    allow_none
+        Return ``None`` for ``None`` (an optional argument) instead of refusing it.
     """
-    if value is None:
-        if allow_none:
-            return None
-        raise TypeError(f"`{name}` must be a positive number, got None.")
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"`{name}` must be a positive number, got {type(value).__name__} {value!r}.")
-    value = float(value)
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive, finite number, got {value}.")
-    return value
+    if value is None and allow_none:
+        return None
+    sign = "positive" if positive else "non-negative"
+    noun = "integer" if integer else "number"
+    of = f" of {unit}" if unit else ""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a {sign} {noun}{of}, got {type(value).__name__} {value!r}.")
+    if not np.isfinite(value) or (value <= 0 if positive else value < 0) or (integer and int(value) != value):
+        finite = "" if (unit or integer) else ", finite"  # a count or a quantity with a unit is finite by its name
+        raise ValueError(f"`{name}` must be a {sign}{finite} {noun}{of}, got {value!r}.")
+    return int(value) if integer else float(value)
 
 
 def check_id(value, name: str, *, allow_none: bool = False) -> str | None:

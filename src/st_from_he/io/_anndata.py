@@ -125,8 +125,8 @@ def attach_histology(
             f"`adata` must be an AnnData, got {type(adata).__name__}"
             f"{hint if type(adata).__name__ == 'SpatialData' else ''}."
         )
-    pixel_size_um = check_number(pixel_size_um, "pixel_size_um")
-    spot_diameter_um = check_number(spot_diameter_um, "spot_diameter_um")
+    pixel_size_um = check_number(pixel_size_um, "pixel_size_um", allow_none=True)
+    spot_diameter_um = check_number(spot_diameter_um, "spot_diameter_um", allow_none=True)
     check_id(sample_id, "sample_id", allow_none=True)
     check_id(patient_id, "patient_id", allow_none=True)
     if technology is not None and not isinstance(technology, str):

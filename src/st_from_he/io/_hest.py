@@ -101,8 +101,8 @@ def read_hest(
 
 def _per_sample(value, sample: str, name: str) -> float | None:
     if isinstance(value, Mapping):
-        return check_number(value.get(sample), f"{name}[{sample!r}]")
-    return check_number(value, name)
+        return check_number(value.get(sample), f"{name}[{sample!r}]", allow_none=True)
+    return check_number(value, name, allow_none=True)
 
 
 def _patient(value, sample: str) -> str | None:

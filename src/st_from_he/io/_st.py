@@ -86,7 +86,7 @@ def read_st(
     check_id(sample_id, "sample_id")
     _check_sample_id(sample_id)
     check_id(patient_id, "patient_id", allow_none=True)
-    pixel_size_um = check_number(pixel_size_um, "pixel_size_um")
+    pixel_size_um = check_number(pixel_size_um, "pixel_size_um", allow_none=True)
     for label, path in (("counts", counts), ("spots", spots), ("image", image)):
         if not isinstance(path, str | Path):
             raise TypeError(f"`{label}` must be a file path, got {type(path).__name__}.")

@@ -80,7 +80,7 @@ def read_visium(
         raise TypeError(f"`path` must be a folder path, got {type(path).__name__}.")
     check_id(sample_id, "sample_id", allow_none=True)
     check_id(patient_id, "patient_id", allow_none=True)
-    pixel_size_um = check_number(pixel_size_um, "pixel_size_um")
+    pixel_size_um = check_number(pixel_size_um, "pixel_size_um", allow_none=True)
     path = _outs_folder(Path(path))
     counts_file = _counts_file(path)
     scalefactors = _read_scalefactors(path)

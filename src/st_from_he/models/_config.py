@@ -100,6 +100,13 @@ class ModelConfig:
         Strength of haematoxylin-eosin-DAB stain jitter, ``0`` off (e.g. ``0.05``).
     augment_rescale
         Random zoom by a factor in ``[1 / (1 + r), 1 + r]`` to mimic other scanner resolutions, ``0`` off.
+    features
+        ``None``: train on image patches. ``"X_<name>"``: train the heads on the cached embeddings in
+        ``table.obsm["X_<name>"]`` (from :func:`st_from_he.tl.embed`) instead, with no image encoder and no image
+        augmentation (each standardised vector is the spot's one token); ``encoder``, ``img_size`` and the image
+        options then go unused, and ``context_scales`` must be ``(1.0,)``.
+    feature_dim
+        Dimension of those embeddings (set by :meth:`~st_from_he.tl.ExpressionModel.fit`).
     augment_lowres
         Largest factor of the random blur (downsample, upsample back) given to half of the training patches, to mimic
         images scanned at a coarser resolution than the patch's; ``<= 1`` off.
@@ -149,6 +156,8 @@ class ModelConfig:
     augment_stain: float = 0.0
     augment_rescale: float = 0.0
     augment_lowres: float = 0.0
+    features: str | None = None
+    feature_dim: int | None = None
 
     def __post_init__(self) -> None:
         for name in _TUPLE_FIELDS:
@@ -172,6 +181,23 @@ class ModelConfig:
             raise ValueError(f"`proj_dim` ({self.proj_dim}) must be divisible by `n_heads` ({self.n_heads}).")
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"`mask_ratio` must be in [0, 1), got {self.mask_ratio}.")
+        if self.features is not None:
+            if not isinstance(self.features, str) or not self.features.startswith("X_"):
+                raise ValueError(
+                    f"`features` must be None (image patches) or an obsm key of cached embeddings 'X_<name>' "
+                    f"(from `sth.tl.embed`), got {self.features!r}."
+                )
+            if self.context_scales != (1.0,) or self.neighbour_attention:
+                raise ValueError(
+                    "Heads on cached embeddings (`features`) see one vector per spot: use `context_scales=(1,)` and "
+                    "no `neighbour_attention` (embed a wider patch with `sth.tl.embed(size_um=...)` for context)."
+                )
+        if self.feature_dim is not None:
+            if isinstance(self.feature_dim, bool) or not isinstance(self.feature_dim, numbers.Integral):
+                raise ValueError(f"`feature_dim` must be a positive integer, got {self.feature_dim!r}.")
+            if self.feature_dim < 1:
+                raise ValueError(f"`feature_dim` must be a positive integer, got {self.feature_dim!r}.")
+            self.feature_dim = int(self.feature_dim)
         if not (self.contrastive or self.regression_head):
             raise ValueError(
                 "Enable `contrastive` (retrieval) or `regression_head`: the model needs a prediction route."

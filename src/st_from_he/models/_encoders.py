@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Mapping
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
 from safetensors.torch import load_file
@@ -150,7 +151,7 @@ def load_encoder_weights(model: nn.Module, path: str | Path) -> None:
 
 
 class ImageEncoder(nn.Module):
-    """Image backbone returning tokens, built from a timm model name or ``"sth_tinycnn"``.
+    """Image backbone returning tokens, built from a timm model name, a foundation-model name or ``"sth_tinycnn"``.
 
     The backbone is randomly initialised (timm's ``pretrained=False``) unless ``weights`` is given; only a hub id
     touches the network.
@@ -158,42 +159,81 @@ class ImageEncoder(nn.Module):
     Parameters
     ----------
     name
-        A :func:`timm.create_model` name (e.g. ``"vit_small_patch16_224"``, ``"resnet18"``) or ``"sth_tinycnn"``.
+        A :func:`timm.create_model` name (e.g. ``"vit_small_patch16_224"``, ``"resnet18"``), ``"sth_tinycnn"``, or
+        a name of :data:`~st_from_he.models.FOUNDATION_ENCODERS` (``"uni"``, ``"uni2-h"``, ``"virchow2"``, ...,
+        any case): then the registry's architecture and timm arguments are used, a local checkpoint is loaded
+        strictly (:func:`~st_from_he.models.load_pretrained`, every tensor must fit), and :meth:`pool` pools the
+        tokens as the model's authors do.
     weights
-        ``None``, a local ``.safetensors``/``.pth``/``.pt``/``.bin`` file (see :func:`load_encoder_weights`), or a
-        hub id ``"hf-hub:org/repo"`` / ``"timm/<model>.<tag>"`` whose weights fit the architecture ``name``.
+        ``None`` (random initialisation), a local ``.safetensors``/``.pth``/``.pt``/``.bin`` file (see
+        :func:`load_encoder_weights`; for a registry name also the folder holding the published file), or a hub id
+        ``"hf-hub:org/repo"`` / ``"timm/<model>.<tag>"`` whose weights fit the architecture ``name``.
     img_size
         Input side in pixels for models with a fixed input size (ViTs); ignored by CNNs.
     **kwargs
-        Passed to :func:`timm.create_model`.
+        Passed to :func:`timm.create_model` (for a registry name: overrides of the registry's arguments, e.g.
+        ``depth=1`` for a small test model; a checkpoint only fits the arguments it was trained with).
 
     Attributes
     ----------
     num_features
         Token dimension ``D``.
+    pooling
+        How :meth:`pool` makes one vector of the tokens: ``"mean"`` (plain timm names and the tiny CNN: the mean
+        token), or a registry entry's ``"cls"``, ``"cls+mean"`` or ``"timm"``.
+    pooled_features
+        Dimension of :meth:`pool`'s output: ``2 * D`` for ``"cls+mean"``, else ``D``.
+    spec
+        The registry entry (:class:`~st_from_he.models.EncoderSpec`), or ``None`` for other names.
+
+    Examples
+    --------
+    >>> from st_from_he.models import ImageEncoder
+    >>> ImageEncoder("resnet18").pooled_features
+    512
+    >>> ImageEncoder("virchow2", depth=1).pooled_features  # doctest: +SKIP
+    2560
     """
 
     def __init__(self, name: str, *, weights: str | Path | None = None, img_size: int | None = None, **kwargs):
         super().__init__()
         self.name = name
+        self.spec = _registry_spec(name)
+        self.pooling = "mean" if self.spec is None else self.spec.pooling
         hub_id = _hub_id(weights)
-        if name in _BUILTIN_ENCODERS:
+        if self.spec is not None:
+            self.model = self._create_registered(self.spec, weights, hub_id, img_size, kwargs)
+        elif name in _BUILTIN_ENCODERS:
             if hub_id is not None or kwargs:
                 raise ValueError(f"The built-in encoder {name!r} takes neither hub weights nor timm arguments.")
             self.model = _BUILTIN_ENCODERS[name]()
         else:
             self.model = _create_timm(name, img_size, hub_id, kwargs)
         self.num_features: int = self.model.num_features
+        self.pooled_features: int = self.num_features * (2 if self.pooling == "cls+mean" else 1)
         fmt = getattr(self.model, "output_fmt", "NCHW")
         self._channels_last = getattr(fmt, "value", fmt) == "NHWC"
-        if weights is not None and hub_id is None:
+        if weights is not None and hub_id is None and self.spec is None:
             load_encoder_weights(self.model, weights)
+
+    @staticmethod
+    def _create_registered(spec, weights, hub_id, img_size, kwargs) -> nn.Module:
+        """The timm model of a registry entry, with its published weights loaded strictly from a local file."""
+        from ._foundation import _resolve_layers, load_pretrained, weights_file
+
+        kwargs = _resolve_layers({**spec.timm_kwargs, **kwargs})
+        side = img_size or kwargs.pop("img_size", None) or spec.img_size
+        kwargs.pop("img_size", None)
+        model = _create_timm(spec.architecture, side, hub_id, kwargs)
+        if weights is not None and hub_id is None:
+            load_pretrained(model, weights_file(weights, spec), convert=spec.convert, name=spec.name)
+        return model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode normalised images ``(B, 3, H, W)`` into tokens ``(B, N, D)``.
 
-        Transformers return all their tokens (class token included); CNN feature maps are flattened to ``h * w``
-        tokens.
+        Transformers return all their tokens (class and register tokens included); CNN feature maps are flattened
+        to ``h * w`` tokens.
         """
         features = self.model.forward_features(x)
         if features.ndim == 4:
@@ -213,7 +253,81 @@ class ImageEncoder(nn.Module):
             digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """One vector ``(B, pooled_features)`` of tokens ``(B, N, D)``, as :attr:`pooling` says.
+
+        ``"mean"``: the mean token. ``"cls"``: the class token. ``"cls+mean"``: the class token concatenated with
+        the mean of the patch tokens (class and register tokens excluded). ``"timm"``: the pooling of timm's own head
+        (``global_pool``: the class token for ``"token"``, the mean patch token for ``"avg"``; a CNN's feature-map
+        mean otherwise).
+        """
+        prefix = int(getattr(self.model, "num_prefix_tokens", 0))
+        pooling = self.pooling
+        if pooling == "timm":
+            global_pool = getattr(self.model, "global_pool", None)  # a ViT's is a string, a CNN's a pooling layer
+            pooling = {"token": "cls", "avg": "patches"}.get(global_pool if isinstance(global_pool, str) else "")
+            pooling = pooling or "mean"
+        if pooling == "mean":
+            return tokens.mean(dim=1)
+        if pooling == "patches":
+            return tokens[:, prefix:].mean(dim=1)
+        if pooling == "cls":
+            return tokens[:, 0]
+        return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=-1)  # "cls+mean"
+
+
+def _registry_spec(name: str):
+    """The :class:`~st_from_he.models.EncoderSpec` of a foundation-model name, else ``None`` (timm or built-in)."""
+    from ._foundation import FOUNDATION_ENCODERS, _canonical
+
+    if not isinstance(name, str) or name in _BUILTIN_ENCODERS or timm.is_model(name):
+        return None
+    return FOUNDATION_ENCODERS.get(_canonical(name))
+
+
+class VectorEncoder(nn.Module):
+    """The "encoder" of a model trained on cached embeddings: each vector, standardised, as one token.
+
+    Heads trained on the embeddings of a frozen (foundation) encoder need no image encoder: a spot's embedding
+    ``(D,)``, standardised with the training spots' mean and standard deviation (buffers, saved with the weights),
+    is its single token. The projection heads then learn everything else.
+
+    Parameters
+    ----------
+    dim
+        Embedding dimension ``D``.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from st_from_he.models._encoders import VectorEncoder
+    >>> encoder = VectorEncoder(4)
+    >>> encoder.set_statistics(np.random.default_rng(0).normal(size=(10, 4)))
+    >>> encoder(torch.zeros(3, 4)).shape
+    torch.Size([3, 1, 4])
+    """
+
+    pooling = "mean"
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = self.pooled_features = int(dim)
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def set_statistics(self, features: np.ndarray) -> None:
+        """Standardise with the mean and standard deviation of ``features`` ``(n, D)`` (the training spots)."""
+        features = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        if features.ndim != 2 or features.shape[1] != self.num_features:
+            raise ValueError(f"Expected features (n, {self.num_features}), got {tuple(features.shape)}.")
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0, unbiased=False) + 1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings ``(B, D)`` -> standardised single tokens ``(B, 1, D)``."""
+        return ((x.float() - self.mean) / self.std)[:, None]
+
     @staticmethod
     def pool(tokens: torch.Tensor) -> torch.Tensor:
-        """Mean token ``(B, D)`` of tokens ``(B, N, D)``."""
+        """The token ``(B, D)`` of tokens ``(B, 1, D)``."""
         return tokens.mean(dim=1)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ._augment import BatchAugment
 from ._config import ModelConfig
 from ._context import MultiScaleFusion, NeighbourAttention
-from ._encoders import ImageEncoder
+from ._encoders import ImageEncoder, VectorEncoder
 from ._fusion import MaskedCrossModalFusion
 from ._heads import GeneEncoder, ProjectionHead, RegressionHead, SNNGeneTokens
 from ._losses import combine_losses, reconstruction_loss, soft_contrastive_loss
@@ -27,7 +27,8 @@ class ExpressionModule(L.LightningModule):
 
     ``"image"``
         Normalised spot patches ``(B, S, 3, H, W)``, one per context scale of ``config.context_scales`` (scale
-        0 = the spot patch); ``(B, 3, H, W)`` is read as ``S = 1``.
+        0 = the spot patch); ``(B, 3, H, W)`` is read as ``S = 1``. With ``config.features`` (heads on cached
+        embeddings), the spots' embedding vectors ``(B, feature_dim)`` instead, never augmented.
     ``"expression"``
         Targets ``(B, G)``, log1p(CP10k) expression of the model genes (training and validation only).
     ``"neighbours"`` (optional, used when ``config.neighbour_attention``)
@@ -59,8 +60,12 @@ class ExpressionModule(L.LightningModule):
         self.config, self.n_genes = config, n_genes
         self.save_hyperparameters({"config": config.to_dict(), "n_genes": n_genes})
         c = config
-        self.encoder = ImageEncoder(c.encoder, weights=c.encoder_weights, img_size=c.img_size, **c.encoder_kwargs)
-        img_dim = self.encoder.num_features
+        if c.features is not None:  # heads on cached embeddings: each spot's vector is its one token
+            self.encoder = VectorEncoder(c.feature_dim)
+        else:
+            self.encoder = ImageEncoder(c.encoder, weights=c.encoder_weights, img_size=c.img_size, **c.encoder_kwargs)
+        # the heads see the pooled vector (twice the token width for "cls+mean"), the fusion sees the tokens
+        img_dim, token_dim = self.encoder.pooled_features, self.encoder.num_features
         self.scale_fusion = MultiScaleFusion(img_dim, len(c.context_scales))
         self.image_head = ProjectionHead(img_dim, c.proj_dim, c.proj_dropout)
         self.gene_encoder = GeneEncoder(n_genes, c.proj_dim, c.proj_dropout) if c.contrastive else None
@@ -68,7 +73,7 @@ class ExpressionModule(L.LightningModule):
         if c.use_reconstruction:
             self.gene_tokens = SNNGeneTokens(n_genes, c.n_gene_tokens, c.proj_dim, c.snn_dropout)
             self.fusion = MaskedCrossModalFusion(
-                img_dim,
+                token_dim,
                 c.proj_dim,
                 n_heads=c.n_heads,
                 n_blocks=c.n_fusion_blocks,
@@ -96,7 +101,7 @@ class ExpressionModule(L.LightningModule):
 
     def _encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # -> scale-fused features (B, D_img) and the tokens of all scales (B, S * N, D_img)
-        if images.ndim == 4:
+        if images.ndim == (2 if self.config.features is not None else 4):  # one scale: give it its axis
             images = images[:, None]
         b, s = images.shape[:2]
         tokens = self.encoder(images.flatten(0, 1))
@@ -115,7 +120,7 @@ class ExpressionModule(L.LightningModule):
         neighbours = batch["neighbours"]
         b, k = neighbours.shape[:2]
         if k == 0:
-            return neighbours.new_zeros(b, 0, self.encoder.num_features)
+            return neighbours.new_zeros(b, 0, self.encoder.pooled_features)
         return self.encode_features(neighbours.flatten(0, 1)).view(b, k, -1)
 
     def _embed(self, batch: Batch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -183,7 +188,7 @@ class ExpressionModule(L.LightningModule):
         """Augment the images, compute the losses and log them as ``train_*`` per epoch."""
         batch = dict(batch)
         with torch.no_grad():
-            for key in ("image", "neighbours"):
+            for key in ("image", "neighbours") if self.config.features is None else ():  # vectors: no image to augment
                 if key in batch and batch[key].shape[1] > 0:
                     batch[key] = self.augment(batch[key])
         losses = self.compute_losses(batch)

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 
 from st_from_he._logging import logger
-from st_from_he._sdata import as_names, check_number, spot_sections
-from st_from_he._validate import check_table_raw_counts
+from st_from_he._sdata import as_names, spot_sections
+from st_from_he._validate import check_number, check_table_raw_counts
 
 from ._normalize import log_normalize, table_of
 

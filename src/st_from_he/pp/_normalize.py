@@ -8,8 +8,8 @@ import numpy as np
 from scipy import sparse
 
 from st_from_he._logging import logger
-from st_from_he._sdata import check_number, check_sdata, find_table
-from st_from_he._validate import check_raw_counts
+from st_from_he._sdata import check_sdata, find_table
+from st_from_he._validate import check_number, check_raw_counts
 
 if TYPE_CHECKING:
     from anndata import AnnData

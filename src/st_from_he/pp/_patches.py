@@ -27,7 +27,6 @@ from st_from_he._logging import logger
 from st_from_he._memory import empty_uint8
 from st_from_he._sdata import (
     as_names,
-    check_number,
     check_sdata,
     element_to_element,
     find_table,
@@ -38,7 +37,7 @@ from st_from_he._sdata import (
 )
 from st_from_he._sdata import samples as table_samples
 from st_from_he._settings import settings
-from st_from_he._validate import check_spots_in_image
+from st_from_he._validate import check_number, check_spots_in_image
 
 if TYPE_CHECKING:
     import dask.array as da

@@ -8,7 +8,8 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from st_from_he._logging import logger
-from st_from_he._sdata import check_number, check_sdata, only_image, systems_of
+from st_from_he._sdata import check_sdata, only_image, systems_of
+from st_from_he._validate import check_number
 
 from ._patches import image_of
 

@@ -10,6 +10,8 @@ from st_from_he._logging import logger
 
 _ALPHAS = np.logspace(-1, 5, 13)
 FEATURE_SETS = ("handcrafted", "handcrafted+blobs", "encoder", None)
+EMBEDDING_PREFIX = "X_"
+"""Features named ``"X_<name>"`` are cached embeddings in ``table.obsm["X_<name>"]`` (see :func:`~st_from_he.tl.embed`)."""
 _TARGET_EPS = 0.1  # added to each gene's within-section std (log-normalised units): rare genes are not blown up
 MIN_SECTION_SPOTS = 30
 """Fewest spots of a section to predict whose own feature statistics standardise it (``per_section=True``);
@@ -28,15 +30,21 @@ class RidgeProbe:
     features
         ``"handcrafted"`` (colour, stain and texture statistics), ``"handcrafted+blobs"`` (those plus the
         haematoxylin and eosin Laplacian-of-Gaussian responses at three blob sizes of ``stain_blob_features``),
-        ``"encoder"`` (pooled tokens of a frozen encoder) or ``None`` (no features: predicts the training mean).
+        ``"encoder"`` (pooled tokens of a frozen encoder), ``"X_<name>"`` (cached embeddings: :meth:`fit` and
+        :meth:`featurize` then take the embedding vectors ``(n, d)`` instead of patches) or ``None`` (no features:
+        predicts the training mean).
     encoder
-        timm name of the frozen encoder for ``features="encoder"``.
+        Frozen encoder for ``features="encoder"``: a timm name (ImageNet normalisation, mean token), or a
+        foundation-model name of :data:`~st_from_he.models.FOUNDATION_ENCODERS` (its own input normalisation and
+        pooling, through :class:`~st_from_he.models.FoundationEncoder`).
     encoder_weights
         Weights of that encoder (``None``: random initialisation, drawn from ``seed``, so that a saved probe
         rebuilds the same encoder).
     img_size
         Input side in pixels of that encoder, for encoders with a fixed input size (ViTs); ``None``: the side of
         the patches.
+    encoder_kwargs
+        Further :func:`timm.create_model` arguments of that encoder (e.g. ``{"depth": 1}`` for a small test model).
     lowres
         If above 1, also fit on a copy of every training patch blurred as if scanned up to ``lowres`` times coarser
         (:func:`~st_from_he.models.lower_resolution`), so that the probe holds up on lower-resolution images.
@@ -66,19 +74,28 @@ class RidgeProbe:
         encoder_weights=None,
         *,
         img_size: int | None = None,
+        encoder_kwargs: dict | None = None,
         lowres: float = 0.0,
         seed: int = 0,
         per_section: bool = False,
         rank: int | None = None,
     ):
-        if features not in FEATURE_SETS:
-            raise ValueError(f"Unknown `features` {features!r}; choose one of {list(FEATURE_SETS)}.")
+        if not is_feature_set(features):
+            raise ValueError(
+                f"Unknown `features` {features!r}; choose one of {list(FEATURE_SETS)}, or an obsm key of cached "
+                f"embeddings 'X_<name>' (from `sth.tl.embed`)."
+            )
+        if is_embedding_key(features) and lowres > 1:
+            raise ValueError(
+                "`lowres` blurs image patches; it does not apply to cached embeddings (`features='X_...'`)."
+            )
         if rank is not None and rank < 1:
             raise ValueError(f"`rank` must be a positive number of principal axes or None, got {rank}.")
         self.features = features
         self.encoder = encoder
         self.encoder_weights = encoder_weights
         self.img_size = img_size
+        self.encoder_kwargs = dict(encoder_kwargs or {})
         self.lowres = lowres
         self.seed = seed
         self.per_section = per_section
@@ -99,13 +116,31 @@ class RidgeProbe:
             return np.concatenate([features(patches[i : i + batch_size]) for i in range(0, len(patches), batch_size)])
         if self.features == "encoder":
             return self._encoder_features(patches, batch_size)
+        if is_embedding_key(self.features):  # the "patches" are the spots' embedding vectors
+            x = np.asarray(patches, dtype=np.float32)
+            if x.ndim != 2:
+                raise ValueError(
+                    f"A ridge probe on embeddings {self.features!r} takes vectors (n, d), got an array {x.shape}."
+                )
+            return x
         return np.zeros((len(patches), 0), dtype=np.float32)
 
     def _encoder_features(self, patches: np.ndarray, batch_size: int) -> np.ndarray:
         import torch
 
+        from st_from_he.models import FoundationEncoder
+
         if self._encoder_module is None:
             self._encoder_module = self._build_encoder(patches.shape[-1])
+        encoder = self._encoder_module
+        if isinstance(encoder, FoundationEncoder):  # its own resampling, normalisation and pooling
+            scales = patches.shape[1] if patches.ndim == 5 else 1
+            out = []
+            for i in range(0, len(patches), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(patches[i : i + batch_size]))
+                pooled = encoder.embed(x.reshape(-1, 3, *x.shape[-2:]))
+                out.append(pooled.reshape(len(pooled) // scales, -1).numpy())
+            return np.concatenate(out).astype(np.float32)
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
         scales = patches.shape[1] if patches.ndim == 5 else 1
@@ -126,14 +161,22 @@ class RidgeProbe:
         """
         import torch
 
-        from st_from_he.models import ImageEncoder
+        from st_from_he.models import FoundationEncoder, ImageEncoder
+        from st_from_he.models._encoders import _registry_spec
 
         img_size = int(self.state.get("img_size", self.img_size or side))
         with torch.random.fork_rng(devices=[]):  # seeds the initialisation without touching the caller's stream
             torch.manual_seed(int(self.state.get("seed", self.seed)))
-            encoder = ImageEncoder(self.encoder, weights=self.encoder_weights, img_size=img_size).eval()
+            if _registry_spec(self.encoder) is not None:
+                weights = "random" if self.encoder_weights is None else self.encoder_weights
+                encoder = FoundationEncoder(self.encoder, weights=weights, img_size=img_size, **self.encoder_kwargs)
+            else:
+                encoder = ImageEncoder(
+                    self.encoder, weights=self.encoder_weights, img_size=img_size, **self.encoder_kwargs
+                )
+            encoder = encoder.eval()
         expected = self.state.get("encoder_sha256")
-        if expected is not None and encoder.fingerprint() != str(expected):
+        if expected is not None and _fingerprint(encoder) != str(expected):
             raise ValueError(
                 f"The encoder {self.encoder!r} rebuilt for this ridge probe differs from the one it was fitted with "
                 f"(another torch or timm version, or another `encoder_weights` file {self.encoder_weights!r}): its "
@@ -176,7 +219,7 @@ class RidgeProbe:
             # what rebuilds the same frozen encoder when the probe is loaded, and its fingerprint to check it
             state |= {
                 "img_size": np.array(self.img_size or patches.shape[-1]),
-                "encoder_sha256": np.array(self._encoder_module.fingerprint()),
+                "encoder_sha256": np.array(_fingerprint(self._encoder_module)),
             }
         if not x.shape[1]:
             self.state = state
@@ -311,6 +354,21 @@ class RidgeProbe:
         for key in ("feature_mean", "feature_std", *(("pooled_mean", "pooled_std") if self.per_section else ())):
             if state[key].shape != (coef.shape[0],):
                 raise ValueError(f"`{key}` has shape {state[key].shape}, expected ({coef.shape[0]},) as `coef`.")
+
+
+def is_embedding_key(features) -> bool:
+    """Whether ``features`` names cached embeddings in ``obsm`` (``"X_<name>"``), not a hand-crafted feature set."""
+    return isinstance(features, str) and features.startswith(EMBEDDING_PREFIX) and len(features) > len(EMBEDDING_PREFIX)
+
+
+def is_feature_set(features) -> bool:
+    """Whether a ridge probe takes ``features``: a name of :data:`FEATURE_SETS` or an embedding key."""
+    return (features is None or isinstance(features, str)) and (features in FEATURE_SETS or is_embedding_key(features))
+
+
+def _fingerprint(encoder) -> str:
+    """The fingerprint of an :class:`~st_from_he.models.ImageEncoder` or of a foundation encoder's backbone."""
+    return getattr(encoder, "backbone", encoder).fingerprint()
 
 
 def _groups(groups, n: int) -> np.ndarray:

@@ -10,8 +10,17 @@ import numpy as np
 import pandas as pd
 
 from st_from_he._logging import logger, timed
-from st_from_he._sdata import SAMPLE_KEY, TABLE_KEY, as_names, check_number, check_sdata, check_table_key, samples
+from st_from_he._sdata import (
+    SAMPLE_KEY,
+    TABLE_KEY,
+    as_names,
+    check_sdata,
+    check_table_key,
+    samples,
+    spot_sections,
+)
 from st_from_he._settings import settings
+from st_from_he._validate import check_number
 
 from ._gene_sets import BREAST_MARKERS, _check_gene_sets
 from ._presets import check_preset
@@ -577,7 +586,8 @@ def _group_of_samples(sdata: SpatialData, groups, present: list[str], table_key:
                 f"`groups`: table {table_key!r} has no obs column {groups!r}; columns: {list(obs.columns)}. "
                 f"Pass a mapping from sample id to group, or a function of the sample id, instead."
             )
-        pairs = obs[[SAMPLE_KEY, groups]].astype(str).drop_duplicates()
+        section = spot_sections(sdata.tables[table_key], table_key=table_key)  # obs["sample"], else the region
+        pairs = pd.DataFrame({SAMPLE_KEY: section, groups: obs[groups].astype(str).to_numpy()}).drop_duplicates()
         split = pairs[SAMPLE_KEY][pairs[SAMPLE_KEY].duplicated()].unique().tolist()
         if split:
             raise ValueError(

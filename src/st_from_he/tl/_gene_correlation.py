@@ -10,7 +10,8 @@ import pandas as pd
 
 from st_from_he._docs import inject_docs
 from st_from_he._logging import logger
-from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY, check_number, check_sdata
+from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY, check_sdata
+from st_from_he._validate import check_number
 
 from ._evaluate import _corrcoef, _paired, _predicted_table, _preservation
 from ._gene_sets import GENE_SETS, _check_markers, _check_measured_params, _select_genes

@@ -9,6 +9,7 @@ import numpy as np
 
 from st_from_he._docs import inject_docs
 from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY
+from st_from_he._validate import check_number
 
 if TYPE_CHECKING:
     from spatialdata import SpatialData
@@ -172,7 +173,7 @@ def gene_set(
     >>> sth.tl.gene_set(sdata, "hvg", n_genes=3, genes=None)  # doctest: +SKIP
     ['SCGB2A2', 'CEACAM6', 'KRT86']
     """
-    from st_from_he._sdata import SAMPLE_KEY, check_number, check_sdata, samples, table_rows
+    from st_from_he._sdata import check_sdata, samples, table_rows
 
     from ._evaluate import _measured_expression, _measured_table
 
@@ -184,7 +185,10 @@ def gene_set(
     _check_measured_params(layer, normalize)
     table = _measured_table(sdata, measured_key)
 
-    all_samples = samples(sdata, measured_key) if SAMPLE_KEY in table.obs else []
+    try:  # sections: obs["sample"], else the regions the spots annotate
+        all_samples = samples(sdata, measured_key)
+    except KeyError:  # a table that tells no sections is one
+        all_samples = []
     if sample is None:
         if len(all_samples) > 1:
             raise ValueError(

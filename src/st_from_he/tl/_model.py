@@ -21,7 +21,7 @@ from st_from_he._logging import logger, timed
 from st_from_he._sdata import TABLE_KEY
 from st_from_he._settings import settings
 
-from ._baselines import MIN_SECTION_SPOTS, MIN_TRAINING_SECTION_SPOTS
+from ._baselines import MIN_SECTION_SPOTS, MIN_TRAINING_SECTION_SPOTS, is_embedding_key
 from ._data import SpotArrays, as_list, concat_arrays, spot_arrays
 from ._presets import BASELINE_PRESETS, NEURAL_PRESETS, RIDGE_BLEND_PRESETS, check_preset
 from ._training import check_device
@@ -32,7 +32,17 @@ _CONFIG_FILE, _WEIGHTS_FILE, _ARRAYS_FILE = "model.json", "weights.safetensors",
 _MODEL_FILES = frozenset({_CONFIG_FILE, _WEIGHTS_FILE, _ARRAYS_FILE})
 _BACKUP_TAG = ".old-"  # `.{name}.old-<hex>`: the previous model, kept while an overwrite swaps the new one in
 _RIDGE_OPTIONS = frozenset(
-    {"features", "context_scales", "img_size", "encoder", "encoder_weights", "lowres", "per_section", "rank"}
+    {
+        "features",
+        "context_scales",
+        "img_size",
+        "encoder",
+        "encoder_weights",
+        "encoder_kwargs",
+        "lowres",
+        "per_section",
+        "rank",
+    }
 )
 # The default preset's ridge probe: hand-crafted and blob features, standardised per section, reduced-rank (30 axes:
 # 20 to 50 measure the same on the benchmark, 5 is too few).
@@ -60,6 +70,13 @@ class ExpressionModel:
       its fingerprint.
     - ``"mean"``: the mean training expression everywhere.
 
+    With ``features="X_<name>"`` (any preset but ``"mean"``), the model is trained on the cached embeddings in
+    ``table.obsm["X_<name>"]`` that :func:`st_from_he.tl.embed` wrote (e.g. of UNI or EfficientNet-Lite0) instead of
+    on image patches: the ridge presets fit ridge on the embedding vectors, the neural presets train their heads on
+    them (no image encoder, no image augmentation; seconds on a CPU). The sections to predict need the same
+    embedding, made by the same encoder with the same weights and patch size (``uns["X_<name>"]["params"]`` is
+    checked; a mismatch is refused).
+
     A spot's prediction depends on its own patches only, never on the batch size or the order of the spots, with
     one documented exception: ridge probes standardised per section (the default preset's, or ``per_section=True``)
     standardise the image features of each section with the mean and standard deviation of that section's spots
@@ -83,11 +100,15 @@ class ExpressionModel:
         Overrides of the preset's hyperparameters: any field of :class:`st_from_he.models.ModelConfig` for neural
         presets (e.g. ``encoder="resnet18"``, ``encoder_weights="uni.safetensors"``, ``img_size=224``,
         ``context_scales=(1, 3)``, ``top_k=50``), or, for the ridge presets, ``context_scales``, ``img_size``,
-        ``encoder``, ``encoder_weights``, ``features`` (``"handcrafted"``, or ``"handcrafted+blobs"`` to add
+        ``encoder``, ``encoder_weights``, ``encoder_kwargs``, ``features`` (``"handcrafted"``, or ``"handcrafted+blobs"`` to add
         haematoxylin and eosin blob responses at three sizes), ``lowres`` (also fit on copies of the patches
         blurred up to that many times coarser, e.g. ``lowres=4``), ``per_section`` (standardise the features and
         the expression within each section) and ``rank`` (reduced-rank ridge on that many principal axes of the
         expression, e.g. ``rank=30``); the last three are off by default and on in the default preset's probe.
+        ``features="X_<name>"`` (every preset but ``"mean"``): train on the cached embeddings of
+        ``obsm["X_<name>"]`` (see above); a neural preset's blended ridge probe is then fitted on the same
+        embeddings, and a registry encoder name (``encoder="uni2-h"``) sets ``img_size``, ``image_mean`` and
+        ``image_std`` to the model's published values unless given.
 
     Examples
     --------
@@ -117,8 +138,15 @@ class ExpressionModel:
             raise TypeError(f"`blend_ridge` must be True, False or None (the preset's choice), got {blend_ridge!r}.")
         if preset in NEURAL_PRESETS:
             from st_from_he.models import ModelConfig
+            from st_from_he.models._encoders import _registry_spec
 
             params = NEURAL_PRESETS[preset] | config
+            spec = _registry_spec(params.get("encoder", ModelConfig.encoder))
+            if spec is not None:  # a foundation model's own input size and normalisation, unless given
+                published = {"img_size": spec.img_size, "image_mean": spec.mean, "image_std": spec.std}
+                params = NEURAL_PRESETS[preset] | published | config
+            if params.get("features") is not None and "context_scales" not in config:
+                params["context_scales"] = (1.0,)  # one embedding per spot
             if size_um is not None:
                 params["patch_um"] = size_um
             self.config = ModelConfig(**params)
@@ -132,6 +160,8 @@ class ExpressionModel:
             if unknown:
                 raise TypeError(f"Preset {preset!r} does not take {sorted(unknown)}.")
             self.config = BASELINE_PRESETS[preset] | config
+            if is_embedding_key(self.config["features"]) and "context_scales" not in config:
+                self.config["context_scales"] = (1.0,)  # one embedding per spot
             _check_ridge_options(self.config)
             self.size_um = 112.0 if size_um is None else float(size_um)
             self.size_px = int(self.config["img_size"])
@@ -145,12 +175,19 @@ class ExpressionModel:
         self._module = None
         self._bank: dict[str, np.ndarray] | None = None
         self._probe = None
+        self.feature_params: dict[str, Any] | None = None  # how the training embeddings were made (features="X_...")
         self.device = "auto"
 
     @property
     def is_neural(self) -> bool:
         """Whether the preset is a neural network trained by gradient descent (else a closed-form baseline)."""
         return self.preset in NEURAL_PRESETS
+
+    @property
+    def features(self) -> str | None:
+        """The ``obsm`` key of the cached embeddings the model is trained on (``"X_<name>"``), else ``None``."""
+        features = self.config.features if self.is_neural else self.config["features"]
+        return features if is_embedding_key(features) else None
 
     @property
     def is_fitted(self) -> bool:
@@ -196,6 +233,76 @@ class ExpressionModel:
             unknown = pd.Index(spots).difference(data.obs.index)
             if len(unknown):
                 raise KeyError(f"{len(unknown)} of `spots` are not in the training tables: {list(unknown[:10])}.")
+        return data
+
+    def _feature_arrays(self, sdata, *, table_key, fill_missing_genes=False, spots=None) -> SpotArrays:
+        """Cached embeddings ``obsm[self.features]`` (as the "patches"), targets and obs of the training spots.
+
+        Records how the embeddings were made (:attr:`feature_params`); every training table must agree on it.
+        """
+        from st_from_he._sdata import SAMPLE_KEY, check_sdata, spot_sections
+
+        from ._data import measured_targets
+
+        sections = as_list(sdata)
+        if not sections:
+            raise ValueError("`sdata` is an empty list; pass a SpatialData (or a list of them) with measured counts.")
+        parts, expected = [], None
+        for s in sections:
+            check_sdata(s, "ExpressionModel.fit")
+            if table_key not in s.tables:
+                raise KeyError(f"No table {table_key!r} of measured counts to train on; tables: {list(s.tables)}.")
+            table = s.tables[table_key]
+            where = f"training table {table_key!r}"
+            values, params = table_embeddings(table, self.features, where=where, hint=self._embed_hint())
+            if parts and (params is None) != (expected is None):
+                raise ValueError(
+                    f"obsm[{self.features!r}] of some training tables records how it was made "
+                    f"(uns[{self.features!r}]['params']) and of others not; embed every section with `sth.tl.embed`."
+                )
+            if parts and expected is not None:
+                check_embedding_params(expected, params, self.features, where=where, hint=self._embed_hint())
+            if parts and values.shape[1] != parts[0].patches.shape[1]:
+                raise ValueError(
+                    f"obsm[{self.features!r}] has {values.shape[1]} dimensions in one training table and "
+                    f"{parts[0].patches.shape[1]} in another; embed every section with the same encoder."
+                )
+            expected = params if not parts else expected
+            sections_of = spot_sections(table, table_key=table_key)  # obs["sample"], else the annotated region
+            obs = pd.DataFrame({SAMPLE_KEY: sections_of}, index=table.obs_names)
+            targets = measured_targets(
+                table, self.genes, fill_missing_genes=fill_missing_genes, where=f" {table_key!r}"
+            )
+            idx = np.arange(table.n_obs)
+            if spots is not None:
+                if not obs.index.is_unique:
+                    raise ValueError(
+                        f"Table {table_key!r} has repeated obs_names, so `spots` cannot name its spots; make them "
+                        f"unique first (`table.obs_names_make_unique()`)."
+                    )
+                idx = np.flatnonzero(obs.index.isin(list(spots)))
+            parts.append(SpotArrays(values[idx], obs.iloc[idx], targets[idx]))
+        data = concat_arrays(parts)
+        if spots is not None:
+            unknown = pd.Index(spots).difference(data.obs.index)
+            if len(unknown):
+                raise KeyError(f"{len(unknown)} of `spots` are not in the training tables: {list(unknown[:10])}.")
+        if expected is None:
+            logger.warning(
+                "obsm[%r] of the training tables does not record the encoder that made it (no uns[%r]['params'], "
+                "which `sth.tl.embed` writes): the model cannot check that the sections it predicts were embedded "
+                "the same way.",
+                self.features,
+                self.features,
+            )
+        self.feature_params = None if expected is None else _jsonable(dict(expected))
+        if expected is not None and expected.get("size_um") is not None:  # the patch geometry is the embedding's
+            self.size_um = float(expected["size_um"])
+            self.size_px = int(expected.get("size_px", expected.get("img_size", self.size_px)))
+            if self.is_neural:
+                self.config.patch_um, self.config.img_size = self.size_um, self.size_px
+            else:
+                self.config["img_size"] = self.size_px
         return data
 
     def fit(
@@ -271,8 +378,11 @@ class ExpressionModel:
         if max_time is not None:
             max_time = _check_number(max_time, "max_time", "a number of seconds, e.g. 3600")
         progress_bar = settings.progress_bar if progress_bar is None else progress_bar
-        with timed(f"Cutting training patches ({self.size_um:g} um, {self.size_px} px, context {self.context})"):
-            data = self._arrays(sdata, table_key=table_key, fill_missing_genes=fill_missing_genes, spots=spots)
+        if self.features is not None:
+            data = self._feature_arrays(sdata, table_key=table_key, fill_missing_genes=fill_missing_genes, spots=spots)
+        else:
+            with timed(f"Cutting training patches ({self.size_um:g} um, {self.size_px} px, context {self.context})"):
+                data = self._arrays(sdata, table_key=table_key, fill_missing_genes=fill_missing_genes, spots=spots)
         if len(data.patches) < 2:
             raise ValueError(f"Need at least 2 training spots, got {len(data.patches)}.")
         train_idx, val_idx = _split(data, val_fraction, val_sections, seed)
@@ -283,6 +393,8 @@ class ExpressionModel:
             "val_sections": None if val_sections is None else list(val_sections),
             "seed": seed,
         }
+        if self.features is not None:
+            self.training_info["features"] = self.features
         if not self.is_neural:
             from ._baselines import RidgeProbe
 
@@ -294,6 +406,7 @@ class ExpressionModel:
                     self.config.get("encoder", "resnet18"),
                     self.config.get("encoder_weights"),
                     img_size=self.size_px,
+                    encoder_kwargs=self.config.get("encoder_kwargs"),
                     lowres=self.config.get("lowres", 0.0),
                     seed=seed,
                     per_section=self.config.get("per_section", False),
@@ -346,7 +459,11 @@ class ExpressionModel:
             self.config.batch_size = batch_size
         if max_epochs is not None:
             self.config.max_epochs = max_epochs
+        if self.features is not None:
+            self.config.feature_dim = int(data.patches.shape[1])
         module = ExpressionModule(self.config, n_genes=len(self.genes))
+        if self.features is not None:  # the embeddings standardised with the training spots' statistics
+            module.encoder.set_statistics(data.patches[train_idx])
         with timed(f"Training the {self.preset!r} model on {len(train_idx)} spots ({len(val_idx)} validation)"):
             self.history, best_epoch = train(
                 module,
@@ -373,8 +490,10 @@ class ExpressionModel:
         if self.blend_ridge:
             from ._baselines import RidgeProbe
 
-            with timed(f"Fitting the hand-crafted ridge probe on {len(train_idx)} spots"):
-                self._probe = RidgeProbe(lowres=self.config.augment_lowres, seed=seed, **_BLEND_PROBE)
+            probe = _BLEND_PROBE | ({"features": self.features} if self.features is not None else {})
+            lowres = self.config.augment_lowres if self.features is None else 0.0  # embeddings cannot be blurred
+            with timed(f"Fitting the {probe['features']!r} ridge probe on {len(train_idx)} spots"):
+                self._probe = RidgeProbe(lowres=lowres, seed=seed, **probe)
                 self._probe.fit(data.patches[train_idx], data.targets[train_idx], groups=data.sections[train_idx])
         self.blend = self._choose_blend(data, val_idx)
         self._bank = bank  # predictions retrieve from every measured spot
@@ -468,7 +587,9 @@ class ExpressionModel:
                 batch = self._stack(patches, start, min(start + batch_size, len(patches)))
                 if self._probe is not None:
                     ridge.append(self._probe.featurize(batch))
-                x = normalise_images(torch.from_numpy(batch).to(device), self.config.image_mean, self.config.image_std)
+                x = torch.from_numpy(batch).to(device)
+                if self.features is None:  # embeddings are standardised by the module itself
+                    x = normalise_images(x, self.config.image_mean, self.config.image_std)
                 emb = module.embed_images(x)
                 embeddings.append(emb.float().cpu().numpy())
                 if module.regression is not None:
@@ -521,6 +642,143 @@ class ExpressionModel:
         ``(expression, embeddings)``: float32 arrays ``(n, n_genes)`` and ``(n, d)``.
         """
         self._check_fitted()
+        if self.features is not None:
+            raise ValueError(
+                f"This model predicts from the cached embeddings {self.features!r}, not from image patches: run "
+                f"`sth.tl.embed` on the sections, then `sth.tl.predict_expression(sdata, model)` (or pass the "
+                f"embedding vectors to `model.predict_features`)."
+            )
+        return self._predict(patches, groups, device=device, batch_size=batch_size, progress_bar=progress_bar)
+
+    def predict_features(
+        self,
+        features: np.ndarray,
+        *,
+        groups=None,
+        device: str | None = None,
+        batch_size: int = 256,
+        progress_bar: bool | None = None,
+    ):
+        """Predicted log1p(CP10k) expression and embeddings of spots from their cached embedding vectors.
+
+        For models trained with ``features="X_<name>"``. :func:`st_from_he.tl.predict_expression` reads the
+        vectors from ``obsm`` and checks that they were made as the training ones (:meth:`check_embeddings`);
+        this method trusts the caller on that.
+
+        Parameters
+        ----------
+        features
+            Embeddings ``(n, d)`` of the spots, e.g. ``table.obsm["X_uni"]``, made by the encoder the model was
+            trained on.
+        groups
+            Section (sample) of each spot, for ridge probes standardised per section (see :meth:`predict_patches`);
+            ``None``: one section.
+        device, batch_size, progress_bar
+            As for :meth:`predict_patches`.
+
+        Returns
+        -------
+        ``(expression, embeddings)``: float32 arrays ``(n, n_genes)`` and ``(n, d')`` (for ridge models, the
+        standardised features; for neural ones, the projected image embeddings).
+
+        Examples
+        --------
+        >>> sth.tl.embed(test, "uni", weights="UNI/pytorch_model.bin", key_added="X_uni")  # doctest: +SKIP
+        >>> table = test.tables["table"]  # doctest: +SKIP
+        >>> expression, _ = model.predict_features(table.obsm["X_uni"], groups=table.obs["sample"])  # doctest: +SKIP
+        """
+        self._check_fitted()
+        if self.features is None:
+            raise ValueError("This model predicts from image patches; use `predict_patches` or `predict_expression`.")
+        features = np.asarray(features)
+        dim = self._feature_dim()
+        if features.ndim != 2 or features.shape[1] != dim or not np.issubdtype(features.dtype, np.number):
+            raise ValueError(
+                f"`features` must be numeric embeddings (spots, {dim}) of {self.features!r}, got an array of shape "
+                f"{features.shape} ({features.dtype})."
+            )
+        return self._predict(features, groups, device=device, batch_size=batch_size, progress_bar=progress_bar)
+
+    def _feature_dim(self) -> int:
+        """Dimension of the embeddings a model on cached embeddings takes."""
+        if self.is_neural:
+            return int(self.config.feature_dim)
+        return int(self._probe.state["coef"].shape[0]) if "coef" in self._probe.state else -1
+
+    def check_embeddings(self, table, *, table_key: str = TABLE_KEY) -> np.ndarray:
+        """The embeddings of ``table`` this model predicts from, checked to be made as its training embeddings.
+
+        Parameters
+        ----------
+        table
+            AnnData of the spots to predict, with ``obsm[self.features]`` and ``uns[self.features]["params"]``
+            from :func:`st_from_he.tl.embed`.
+        table_key
+            The table's name, for messages.
+
+        Returns
+        -------
+        float32 array ``(n_spots, d)``.
+
+        Raises
+        ------
+        KeyError
+            If the table has no such embedding (the message says which :func:`~st_from_he.tl.embed` call makes it).
+        ValueError
+            If it was made by another encoder, other weights, input size, normalisation, pooling or patch size than
+            the training embedding, or has another dimension or non-finite values.
+        """
+        self._check_fitted()
+        if self.features is None:
+            raise ValueError("This model predicts from image patches, not from cached embeddings.")
+        values, params = table_embeddings(table, self.features, where=f"table {table_key!r}", hint=self._embed_hint())
+        if self.feature_params is not None:
+            check_embedding_params(
+                self.feature_params, params, self.features, where=f"table {table_key!r}", hint=self._embed_hint()
+            )
+        dim = self._feature_dim()
+        if values.shape[1] != dim:
+            raise ValueError(
+                f"obsm[{self.features!r}] of table {table_key!r} has {values.shape[1]} dimensions; the model was "
+                f"trained on {dim}. {self._embed_hint()}"
+            )
+        return values
+
+    def _embed_hint(self) -> str:
+        """The call that makes the embedding this model takes, for error messages."""
+        p = self.feature_params or {}
+        args = [repr(p.get("encoder", "<encoder>"))]
+        if p.get("weights") not in (None, "random"):
+            args.append(f"weights={p['weights']!r}")
+        args.append(f"key_added={self.features!r}")
+        if p.get("size_um") is not None:
+            args.append(f"size_um={p['size_um']:g}")
+        return f"Run `sth.tl.embed(sdata, {', '.join(args)})` on it first, as for the training sections."
+
+    def predict_table(self, sdata, *, table_key: str = TABLE_KEY, shapes_key=None, **kwargs):
+        """Predictions at the rows of ``sdata.tables[table_key]`` from their checked cached embeddings.
+
+        See :meth:`check_embeddings`; ``kwargs`` go to :meth:`predict_features`. Used by
+        :func:`~st_from_he.tl.predict_expression` for models with ``features="X_<name>"``.
+        """
+        from st_from_he._sdata import spot_sections
+
+        if shapes_key is not None:
+            raise ValueError(
+                f"This model predicts from the embeddings {self.features!r} in a table's obsm, so it predicts at the "
+                f"rows of a table (`table_key`), not at a shapes element ({shapes_key!r}). Make a table of those "
+                f"spots and embed it with `sth.tl.embed`, or use a model trained on image patches."
+            )
+        if table_key not in sdata.tables:
+            raise KeyError(f"No table {table_key!r} to predict (`table_key`); tables: {sorted(sdata.tables)}.")
+        table = sdata.tables[table_key]
+        features = self.check_embeddings(table, table_key=table_key)
+        groups = spot_sections(table, table_key=table_key)
+        return self.predict_features(features, groups=kwargs.pop("groups", groups), **kwargs)
+
+    def _predict(self, inputs, groups, *, device, batch_size, progress_bar):
+        """Predictions of patches or embedding vectors (``inputs``), whichever the model takes."""
+        patches = inputs
         batch_size = _check_int(batch_size, "batch_size", 1, "patches per forward pass, e.g. 64")
         device = check_device(self.device if device is None else device)
         if groups is not None:
@@ -545,6 +803,8 @@ class ExpressionModel:
 
     def _stack(self, patches, start: int, stop: int) -> np.ndarray:
         """Patches ``start:stop`` as one uint8 array ``(b, s, 3, h, w)``, checked against the model's geometry."""
+        if self.features is not None:  # embedding vectors, float32 (b, d)
+            return np.ascontiguousarray(patches[start:stop], dtype=np.float32)
         if isinstance(patches, np.ndarray):
             batch = patches[start:stop]
         else:
@@ -627,6 +887,8 @@ class ExpressionModel:
                 "blend": self.blend,
                 "blend_ridge": self.blend_ridge,
                 "training": _jsonable(self.training_info),
+                # how the embeddings it takes were made (features="X_..."): prediction refuses other ones
+                "feature_params": _jsonable(self.feature_params),
                 "history": None if self.history is None else self.history.to_dict(orient="list"),
                 # ties every file to this model.json: a file of another model (or a damaged one) is refused by load
                 "files": {name: _file_record(tmp / name) for name in files},
@@ -691,6 +953,9 @@ class ExpressionModel:
             raise ValueError(f"{str(path / _CONFIG_FILE)!r} does not describe a valid model: {err}") from err
         model.blend = _blend_weights(meta.get("blend"), model)
         model.training_info = meta.get("training", {})
+        model.feature_params = meta.get("feature_params")
+        if model.features is None and model.feature_params is not None:
+            raise ValueError(f"{str(path / _CONFIG_FILE)!r} records embedding parameters for a model without features.")
         model.history = None if meta.get("history") is None else pd.DataFrame(meta["history"])
         arrays = _read_arrays(path / _ARRAYS_FILE)
         from ._baselines import RidgeProbe
@@ -714,6 +979,7 @@ class ExpressionModel:
                     model.config.get("encoder", "resnet18"),
                     model.config.get("encoder_weights"),
                     img_size=model.size_px,
+                    encoder_kwargs=model.config.get("encoder_kwargs"),
                 ).set_state(arrays, n_genes=len(model.genes))
                 if model._probe.features != model.config["features"]:
                     raise ValueError(
@@ -747,6 +1013,81 @@ class ExpressionModel:
         parts |= {"ridge"} if self._probe is not None else set()
         if self.blend is None or set(self.blend) != parts:
             raise ValueError(f"the blend weights {self.blend} do not cover the model's components {sorted(parts)}.")
+
+
+# What makes two embeddings the same features; "weights" and "fingerprint" are compared apart (see below).
+_EMBEDDING_IDENTITY = ("encoder", "architecture", "img_size", "mean", "std", "pooling", "num_features", "size_um")
+
+
+def table_embeddings(table, key: str, *, where: str, hint: str) -> tuple[np.ndarray, dict | None]:
+    """``table.obsm[key]`` as float32 ``(n, d)`` (finite) and ``uns[key]["params"]`` (``None`` if absent)."""
+    if key not in table.obsm:
+        raise KeyError(
+            f"The model is trained on the cached embeddings obsm[{key!r}], which {where} does not have (obsm keys: "
+            f"{sorted(table.obsm)}). {hint}"
+        )
+    values = np.asarray(table.obsm[key])
+    if values.ndim != 2 or len(values) != table.n_obs or not np.issubdtype(values.dtype, np.number):
+        raise ValueError(f"obsm[{key!r}] of {where} is not a numeric array (spots, dimensions): {values.shape}.")
+    values = values.astype(np.float32, copy=False)
+    bad = ~np.isfinite(values).all(axis=1)
+    if bad.any():
+        raise ValueError(f"obsm[{key!r}] of {where} has non-finite values at {int(bad.sum())} spots. {hint}")
+    record = table.uns.get(key)
+    params = record.get("params") if isinstance(record, Mapping) else None
+    return values, (dict(params) if isinstance(params, Mapping) else None)
+
+
+def _same_value(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    try:
+        x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+    return x.shape == y.shape and bool(np.allclose(x, y, rtol=1e-6, atol=0))
+
+
+def _weights_id(weights) -> str:
+    """A weights source as comparable across machines: the file name of a local file, else the hub id/'random'."""
+    weights = str(weights)
+    if weights == "random" or weights.startswith(("hf-hub:", "timm/")):
+        return weights
+    return Path(weights).name
+
+
+def check_embedding_params(expected: Mapping, got: Mapping | None, key: str, *, where: str, hint: str) -> None:
+    """Raise unless the embedding ``got`` (``uns[key]["params"]``) was made as ``expected`` (the training one's).
+
+    The encoder name, architecture, input size, normalisation, pooling, dimension and patch size must agree; the
+    weights must be the same file (by name: a copy elsewhere is the same checkpoint) or hub id, and, where both
+    embeddings record the encoder's fingerprint, the same fingerprint. Embeddings of randomly initialised encoders
+    without a fingerprint cannot be told apart: a warning says so.
+    """
+    if got is None:
+        raise ValueError(
+            f"obsm[{key!r}] of {where} does not record how it was made (no uns[{key!r}]['params'], which "
+            f"`sth.tl.embed` writes), so it cannot be checked to match the training embeddings. {hint}"
+        )
+    differ = [k for k in _EMBEDDING_IDENTITY if k in expected and not _same_value(expected.get(k), got.get(k))]
+    if "fingerprint" in expected and "fingerprint" in got:
+        if str(expected["fingerprint"]) != str(got["fingerprint"]):
+            differ.append("fingerprint")
+    elif _weights_id(expected.get("weights")) != _weights_id(got.get("weights")):
+        differ.append("weights")
+    elif str(expected.get("weights")) == "random":
+        logger.warning(
+            "obsm[%r] of %s and the training embeddings both come from a randomly initialised encoder, whose "
+            "weights are not recorded: they may be different encoders. Embed with a saved weights file to be sure.",
+            key,
+            where,
+        )
+    if differ:
+        detail = "; ".join(f"{k}: {got.get(k)!r} here, {expected.get(k)!r} in training" for k in differ)
+        raise ValueError(
+            f"obsm[{key!r}] of {where} was not made as the embeddings the model was trained on ({detail}): "
+            f"predictions from other features would be meaningless. {hint}"
+        )
 
 
 BLEND_GENES = 50
@@ -822,7 +1163,7 @@ def _blend_weights(blend, model: ExpressionModel) -> dict[str, float] | None:
 
 def _check_ridge_options(config: dict[str, Any]) -> None:
     """Raise naming the option if a ridge preset's options are out of range (before any patch is cut)."""
-    from ._baselines import FEATURE_SETS
+    from ._baselines import FEATURE_SETS, is_feature_set
 
     _check_int(config["img_size"], "img_size", 8, "the patch side in pixels, e.g. 112")
     scales = config["context_scales"]
@@ -832,12 +1173,17 @@ def _check_ridge_options(config: dict[str, Any]) -> None:
         _check_number(scale, "context_scales", "patch sides relative to the spot, e.g. (1, 3)")
     if not len(tuple(scales)):
         raise ValueError("`context_scales` is empty; give at least the spot scale, e.g. (1,).")
-    if config["features"] not in FEATURE_SETS:
-        raise ValueError(f"Unknown `features` {config['features']!r}; choose one of {list(FEATURE_SETS)}.")
+    if not is_feature_set(config["features"]):
+        raise ValueError(
+            f"Unknown `features` {config['features']!r}; choose one of {list(FEATURE_SETS)}, or an obsm key of cached "
+            f"embeddings 'X_<name>' (from `sth.tl.embed`)."
+        )
     _check_int(config.get("rank"), "rank", 1, "a number of principal axes, e.g. 30, or None", none=True)
     lowres = config.get("lowres", 0.0)
     if isinstance(lowres, bool) or not isinstance(lowres, int | float | np.integer | np.floating) or not lowres >= 0:
         raise ValueError(f"`lowres` must be a blur factor >= 0 (e.g. 4; 0 or 1: off), got {lowres!r}.")
+    if is_embedding_key(config["features"]) and lowres > 1:
+        raise ValueError("`lowres` blurs image patches; it does not apply to cached embeddings (`features='X_...'`).")
     if not isinstance(config.get("per_section", False), bool | np.bool_):
         raise TypeError(f"`per_section` must be True or False, got {config['per_section']!r}.")
 

@@ -12,7 +12,7 @@ from st_from_he._sdata import (
     REGION_KEY,
     SAMPLE_KEY,
     SPATIAL_KEY,
-    check_number,
+    TABLE_KEY,
     check_sdata,
     find_table,
     spot_regions,
@@ -21,6 +21,7 @@ from st_from_he._sdata import (
     table_attrs,
 )
 from st_from_he._settings import settings
+from st_from_he._validate import check_number
 
 
 def predict_expression(
@@ -121,7 +122,13 @@ def predict_expression(
         spot_sections(sdata.tables[table_key], table_key=table_key)  # each spot's section, or a clear error
     elif not isinstance(shapes_key, str) or shapes_key not in sdata.shapes:
         raise KeyError(f"No shapes element {shapes_key!r} (`shapes_key`); shapes present: {sorted(sdata.shapes)}.")
-    _check_key_added(sdata, key_added, table_key=table_key, overwrite=overwrite)
+    measured_key = table_key
+    if measured_key is None:  # predicting at shapes: still never replace the measured table
+        try:
+            measured_key = find_table(sdata) if sdata.tables else TABLE_KEY
+        except KeyError:
+            measured_key = TABLE_KEY
+    _check_key_added(sdata, key_added, table_key=measured_key, overwrite=overwrite)
     if model is None:
         if reference is None:
             raise ValueError("Pass a fitted `model`, or `reference=` sections to train a default model on.")

@@ -83,7 +83,7 @@ def normalise_images(x, mean, std):
 
 
 class _SpotDataset:
-    """Map-style dataset over in-memory uint8 patches and float targets (a torch Dataset by duck typing)."""
+    """Map-style dataset over in-memory uint8 patches (or float embeddings) and targets (a torch Dataset by duck typing)."""
 
     def __init__(self, patches: np.ndarray, targets: np.ndarray):
         self.patches, self.targets = patches, targets
@@ -172,11 +172,13 @@ def train(
 
     set_threads()
     mean, std = module.config.image_mean, module.config.image_std
+    vectors = module.config.features is not None  # cached embeddings: the module standardises them itself
     generator = torch.Generator().manual_seed(seed)
 
     def collate(items):
         batch = torch.utils.data.default_collate(items)
-        batch["image"] = normalise_images(batch["image"], mean, std)
+        if not vectors:
+            batch["image"] = normalise_images(batch["image"], mean, std)
         return batch
 
     loader_args = {"batch_size": batch_size, "num_workers": settings.num_workers, "collate_fn": collate}
