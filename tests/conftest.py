@@ -136,3 +136,10 @@ def spaceranger_c6(her2st_dir, her2st_small, tmp_path_factory):
     """C6 of her2st as a Space Ranger ``outs/`` folder (see :func:`write_spaceranger_section`): ``(outs, um/px)``."""
     out = tmp_path_factory.mktemp("spaceranger_c6") / "outs"
     return write_spaceranger_section(her2st_small, "C6", her2st_dir / "C6" / "C6_HE.jpg", out)
+
+
+@pytest.fixture(scope="session")
+def spaceranger_c5(her2st_dir, her2st_small, tmp_path_factory):
+    """C5 of her2st as a Space Ranger ``outs/`` folder (see :func:`write_spaceranger_section`): ``(outs, um/px)``."""
+    out = tmp_path_factory.mktemp("spaceranger_c5") / "outs"
+    return write_spaceranger_section(her2st_small, "C5", her2st_dir / "C5" / "C5_HE.jpg", out)

@@ -150,3 +150,52 @@ def test_split_spatialdata_io_sections(visium_c6):
     sdata, _ = visium_c6
     with pytest.raises(ValueError, match="No section is left for training"):
         sth.pp.split_sections(sdata, test="C6")
+
+
+def _read_visium(out, sample, **kwargs):
+    import spatialdata_io
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return spatialdata_io.visium(out, dataset_id=sample, **kwargs)
+
+
+def test_spatialdata_io_without_the_full_resolution_image(spaceranger_c6):
+    out, px_um = spaceranger_c6
+    sdata = _read_visium(out, "C6")  # hires and lowres PNGs only, each with its Scale to the system "C6"
+    patches = sth.pp.extract_patches(sdata, size_px=SIZE_PX)
+    sec = table_sections(sdata, "table")[0]["C6"]
+    assert sec.image_key == "C6_hires_image" and sec.pixel_size_um == pytest.approx(2 * px_um, rel=1e-6)
+    assert np.all(patches.spatial <= np.array(sdata.images["C6_hires_image"].shape[:0:-1]))
+
+
+def test_concatenated_spatialdata_io_sections(spaceranger_c5, spaceranger_c6):
+    """Two spatialdata-io sections in one SpatialData: sections from the regions, in their own systems or in a
+    shared "global" one (then told apart by their names)."""
+    import spatialdata as sd
+    from spatialdata.transformations import get_transformation, set_transformation
+
+    parts = [
+        _read_visium(out, s, fullres_image_file=f"{s}_full.tif")
+        for s, (out, _) in (("C5", spaceranger_c5), ("C6", spaceranger_c6))
+    ]
+    joined = sd.concatenate(parts, concatenate_tables=True)
+    assert "sample" not in joined.tables["table"].obs and samples(joined, "table") == ["C5", "C6"]
+    sections = table_sections(joined, "table")[0]
+    assert {s: sec.image_key for s, sec in sections.items()} == {"C5": "C5_full_image", "C6": "C6_full_image"}
+    assert sections["C5"].pixel_size_um == pytest.approx(spaceranger_c5[1], rel=1e-6)
+    train, test = sth.pp.split_sections(joined, test="C6")
+    assert set(test.images) == {"C6_full_image", "C6_hires_image", "C6_lowres_image"} and set(test.shapes) == {"C6"}
+    assert set(train.shapes) == {"C5"} and samples(train, "table") == ["C5"]
+    # everything in one "global" system: images and circles are matched by their names
+    for name in [*joined.images, *joined.shapes]:
+        element = joined[name]
+        transforms = get_transformation(element, get_all=True)
+        transforms["global"] = transforms.pop(name.split("_")[0])  # older spatialdata-io: "global", not "C6"
+        set_transformation(element, transforms, set_all=True)
+    sections = table_sections(joined, "table")[0]
+    assert {s: sec.image_key for s, sec in sections.items()} == {"C5": "C5_full_image", "C6": "C6_full_image"}
+    patches = sth.pp.extract_patches(joined, size_px=SIZE_PX)
+    assert list(dict.fromkeys(patches.samples)) == ["C5", "C6"]
+    train, test = sth.pp.split_sections(joined, test="C6")
+    assert set(test.shapes) == {"C6"} and "C5_full_image" in train.images and "C6_full_image" not in train.images

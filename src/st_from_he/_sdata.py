@@ -11,6 +11,13 @@ A section (sample) ``S`` in a :class:`~spatialdata.SpatialData` is:
 Both elements carry a :class:`~spatialdata.transformations.Scale` to the coordinate system named ``S``, whose unit
 is the micrometre: this transformation is where the package keeps each image's resolution, and it travels with the
 elements through zarr.
+
+Other layouts are read the spatialdata way (:func:`table_sections`): a spot's section is ``obs["sample"]`` when
+present, else the region (circles element) it annotates (the table's ``spatialdata_attrs``); its image is the one
+sharing a coordinate system with those circles (spatialdata-io's ``f"{S}_full_image"``, or a downscaled image with
+its ``Scale``); its centre is its circle's, carried into the image's pixels by the transformations. Without a
+micrometre system the resolution comes from, in order: the user's ``pixel_size_um``, Space Ranger's
+``spot_diameter_fullres`` (65 um) and the Visium spot grid (:func:`section_resolution`).
 """
 
 from __future__ import annotations
@@ -268,7 +275,7 @@ def _spot_diameter_fullres(sdata: SpatialData, table: AnnData | None, sample: st
 
     Looked up in the table's ``uns["spatial"][library]["scalefactors"]`` (scanpy's layout; the library named like
     the section or its circles, or the only one), then in the circles of spatialdata-io's Visium reader (their radius
-    is ``spot_diameter_fullres / 2``; the reader records itself in ``sdata.attrs["spatialdata_io_reader"]``).
+    is ``spot_diameter_fullres / 2``; told by :func:`_spatialdata_io_visium`).
     """
     spatial = table.uns.get("spatial") if table is not None else None
     if isinstance(spatial, Mapping) and spatial:
@@ -278,11 +285,23 @@ def _spot_diameter_fullres(sdata: SpatialData, table: AnnData | None, sample: st
             if "spot_diameter_fullres" in factors:
                 where = f"spot_diameter_fullres in table.uns['spatial'][{library!r}]['scalefactors']"
                 return float(factors["spot_diameter_fullres"]), where
-    if shapes_key is not None and sdata.attrs.get("spatialdata_io_reader") == "visium":
+    if shapes_key is not None and _spatialdata_io_visium(sdata, shapes_key):
         radius = sdata.shapes[shapes_key].get("radius")
         if radius is not None and len(radius):
             return 2 * float(np.median(radius)), f"the radius of spatialdata-io's Visium circles {shapes_key!r}"
     return None, ""
+
+
+def _spatialdata_io_visium(sdata: SpatialData, shapes_key: str) -> bool:
+    """Whether circles come from spatialdata-io's Visium reader.
+
+    Told by the reader's record in ``sdata.attrs`` (which ``spatialdata.concatenate`` drops unless ``attrs_merge``
+    is given) or by the reader's coordinate systems ``f"{S}_downscaled_hires"`` / ``_lowres``.
+    """
+    if sdata.attrs.get("spatialdata_io_reader") == "visium":
+        return True
+    systems = systems_of(sdata, shapes_key)
+    return any(f"{shapes_key}_downscaled_{res}" in systems for res in ("hires", "lowres"))
 
 
 def _grid_pixel_size(table: AnnData | None, rows: np.ndarray | None, centres_px: np.ndarray | None):
