@@ -203,3 +203,30 @@ def test_concatenated_spatialdata_io_sections(spaceranger_c5, spaceranger_c6):
     assert list(dict.fromkeys(patches.samples)) == ["C5", "C6"]
     train, test = sth.pp.split_sections(joined, test="C6")
     assert set(test.shapes) == {"C6"} and "C5_full_image" in train.images and "C6_full_image" not in train.images
+
+
+def test_resolution_order(visium_c6):
+    """pixel_size_um= wins; without Space Ranger's scale factors and without a Visium grid (these are legacy ST
+    array coordinates) the resolution is refused, naming the argument that gives it."""
+    from spatialdata import SpatialData
+    from spatialdata.transformations import Identity, set_transformation
+
+    sdata, px_um = visium_c6
+    given = sth.pp.extract_patches(sdata, size_px=SIZE_PX, pixel_size_um=0.5)
+    assert given._sections["C6"].pixel_size_um == 0.5
+    shapes = sdata.shapes["C6"].copy()
+    set_transformation(shapes, {"C6": Identity()}, set_all=True)  # not recognisably spatialdata-io's any more
+    bare = SpatialData(
+        images={"C6_full_image": sdata.images["C6_full_image"]},
+        shapes={"C6": shapes},
+        tables={"table": sdata.tables["table"]},
+    )
+    assert not bare.attrs
+    with pytest.raises(ValueError, match=r"resolution is unknown.*Pass `pixel_size_um=`"):
+        sth.pp.extract_patches(bare, size_px=SIZE_PX)
+    with pytest.raises(ValueError, match=r"resolution is unknown"):
+        sth.pp.detect_tissue(bare)
+    assert (
+        sth.pp.extract_patches(bare, size_px=SIZE_PX, pixel_size_um={"C6": px_um})._sections["C6"].pixel_size_um
+        == px_um
+    )
