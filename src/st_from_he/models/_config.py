@@ -14,16 +14,19 @@ _TUPLE_FIELDS = ("context_scales", "image_mean", "image_std")
 class ModelConfig:
     """Every hyperparameter of :class:`~st_from_he.models.ExpressionModule`.
 
-    Defaults reproduce the reference method (contrastive soft-target loss plus cross-modal masked reconstruction,
-    retrieval of the top 50 training spots); the extensions (multi-scale context, neighbour attention, regression
-    head, colour/stain/scale augmentation) are off. :meth:`to_dict` and :meth:`from_dict` round-trip the config
+    Defaults describe the reference method (contrastive soft-target loss plus cross-modal masked reconstruction,
+    retrieval of the top 50 training spots) as the package builds it; the extensions (multi-scale context,
+    neighbour attention, regression head, colour/stain/scale augmentation) are off. Where the authors' code
+    (github ``ngfufdrdh/CMRCNet``) differs, a field says so and ``preset="cmrc"`` sets the authors' value; the
+    defaults stay as they were, so saved models load unchanged. :meth:`to_dict` and :meth:`from_dict` round-trip the config
     through JSON.
 
     Attributes
     ----------
     encoder
         Image encoder: any :func:`timm.create_model` name (e.g. ``"vit_small_patch16_224"``, ``"resnet18"``,
-        ``"convnext_tiny"``) or the built-in CPU-friendly ``"sth_tinycnn"``. The reference uses a ViT.
+        ``"convnext_tiny"``), the built-in CPU-friendly ``"sth_tinycnn"`` or ``"vit_b32_cmrc"``, the authors' own
+        randomly initialised ViT-B/32 (depth 8, 8 heads, 768-d, 50 tokens; ``preset="cmrc"``).
     encoder_weights
         ``None`` (random initialisation), a local ``.safetensors``/``.pth``/``.pt``/``.bin`` file, or a hub id
         (``"hf-hub:org/repo"`` or ``"timm/<name>.<tag>"``; needs a network connection).
@@ -65,7 +68,27 @@ class ModelConfig:
     n_heads
         Attention heads in the fusion and neighbour attention (reference 8).
     fusion_dropout
-        Dropout inside the attention blocks.
+        Dropout inside the attention blocks (authors 0.1).
+    fusion
+        Fusion after the first cross-attention: ``"stacked"`` (``n_fusion_blocks`` separate post-norm transformer
+        layers over image and gene tokens joined, the first cross-attention added to the tokens and layer-normed)
+        or ``"cmrc"`` (the authors': the cross-attention output alone, then ONE block applied ``n_fusion_blocks``
+        times, tied weights: pre-norm self-attention over image tokens, MLP, one-way image-to-gene cross-attention;
+        gene tokens never updated). See :class:`~st_from_he.models.MaskedCrossModalFusion`.
+    cross_heads
+        Heads of the first image-to-gene cross-attention; ``None``: ``n_heads`` (authors 4).
+    cross_dropout
+        Attention dropout of the first cross-attention; ``None``: ``fusion_dropout`` (authors 0).
+    block_cross_dropout
+        Dropout of the query/key MLPs in the ``"cmrc"`` block's gene cross-attention (authors 0.25).
+    recon_stop_grad
+        Stop the gradient at the reconstruction target, the projected image embedding (package ``True``; the
+        authors let it flow, ``False``).
+    contrastive_log
+        ``"batch"``: ``log(1 + mean L)`` over the batch; ``"per_sample"``: the mean over spots of
+        ``log(1 + L)`` (the authors').
+    mask_in_validation
+        Mask image tokens in validation too (the authors' code masks in every forward pass, ``True``).
     neighbour_attention
         Let each spot's image embedding attend over its neighbours' embeddings (extension, default off).
     neighbour_radius_um
@@ -85,11 +108,26 @@ class ModelConfig:
     weight_decay
         AdamW weight decay (reference 1e-3).
     warmup_steps
-        Linear warm-up steps before the cosine schedule (reference 0).
+        Linear warm-up steps before the per-step cosine schedule (reference 0).
+    lr_schedule
+        ``"step_cosine"``: cosine decay to zero over the run's steps, updated every step; ``"epoch_cosine"``: the
+        authors' per-epoch cosine annealing, epoch ``e`` (from 0) at
+        ``eta_min + (lr - eta_min) * (1 + cos(pi * (e + 1) / t_max)) / 2``.
+    t_max
+        Period in epochs of ``"epoch_cosine"``; ``None``: ``max_epochs`` (authors 60).
+    eta_min
+        Lowest learning rate of ``"epoch_cosine"`` (authors 1e-5).
     batch_size
         Training batch size (reference 64); also the contrastive loss's number of negatives.
     max_epochs
-        Default number of training epochs; the cosine schedule spans the whole run.
+        Default number of training epochs (authors 60); the per-step cosine schedule spans the whole run.
+    val_fraction
+        Fraction of the training spots held out at random for validation (package 0.1, authors 0.2).
+    val_per_section
+        Draw ``val_fraction`` within each section rather than over all spots (authors ``True``).
+    patience
+        Early stopping after this many epochs without a lower validation loss; ``None``: train every epoch (the
+        authors'). The weights of the best validation epoch are kept either way.
     augment_flips
         Random horizontal and vertical flips in training (reference ``True``).
     augment_rot90
@@ -156,6 +194,19 @@ class ModelConfig:
     augment_stain: float = 0.0
     augment_rescale: float = 0.0
     augment_lowres: float = 0.0
+    fusion: str = "stacked"
+    cross_heads: int | None = None
+    cross_dropout: float | None = None
+    block_cross_dropout: float = 0.25
+    recon_stop_grad: bool = True
+    contrastive_log: str = "batch"
+    mask_in_validation: bool = False
+    lr_schedule: str = "step_cosine"
+    t_max: int | None = None
+    eta_min: float = 0.0
+    val_fraction: float = 0.1
+    val_per_section: bool = False
+    patience: int | None = 5
     features: str | None = None
     feature_dim: int | None = None
 
@@ -198,10 +249,38 @@ class ModelConfig:
             if self.feature_dim < 1:
                 raise ValueError(f"`feature_dim` must be a positive integer, got {self.feature_dim!r}.")
             self.feature_dim = int(self.feature_dim)
+        self._check_reference_options()
         if not (self.contrastive or self.regression_head):
             raise ValueError(
                 "Enable `contrastive` (retrieval) or `regression_head`: the model needs a prediction route."
             )
+
+    def _check_reference_options(self) -> None:
+        # the fields that switch between the package's and the authors' variants (preset "cmrc")
+        choices = {
+            "fusion": ("stacked", "cmrc"),
+            "contrastive_log": ("batch", "per_sample"),
+            "lr_schedule": ("step_cosine", "epoch_cosine"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"`{name}` must be one of {list(allowed)}, got {getattr(self, name)!r}.")
+        for name in ("cross_heads", "t_max", "patience"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+                raise ValueError(f"`{name}` must be a positive integer or None, got {value!r}.")
+        if self.cross_heads is not None and self.proj_dim % self.cross_heads:
+            raise ValueError(f"`proj_dim` ({self.proj_dim}) must be divisible by `cross_heads` ({self.cross_heads}).")
+        for name in ("cross_dropout", "block_cross_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"`val_fraction` must be in (0, 1), got {self.val_fraction!r}.")
+        if not 0 <= self.eta_min < self.lr:
+            raise ValueError(f"`eta_min` must be in [0, lr={self.lr}), got {self.eta_min!r}.")
+        if self.lr_schedule == "epoch_cosine" and self.warmup_steps:
+            raise ValueError("`warmup_steps` applies to lr_schedule='step_cosine'; set it to 0 for 'epoch_cosine'.")
 
     @property
     def snn_hidden(self) -> int:

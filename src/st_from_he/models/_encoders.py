@@ -47,7 +47,35 @@ class TinyCNN(nn.Module):
         return self.features(x)
 
 
-_BUILTIN_ENCODERS = {"sth_tinycnn": TinyCNN}
+def vit_b32_cmrc(img_size: int = 224, **kwargs) -> nn.Module:
+    """The authors' CMRCNet image encoder: a randomly initialised ViT-B/32 cut to 8 blocks and 8 heads.
+
+    A timm :class:`~timm.models.vision_transformer.VisionTransformer` (patch 32, 768-d, MLP ratio 4, qkv bias,
+    class token, learned position embedding, pre-norm blocks, final LayerNorm with eps 1e-6, no classifier): 50
+    tokens at 224 px, the mean of which is the image feature. Initialised as the authors' code does (linear
+    weights truncated normal with sd 0.01, patch convolution Kaiming normal, position embedding and class token
+    truncated normal with sd 0.02). Registered as the encoder name ``"vit_b32_cmrc"``; ``kwargs`` override the
+    architecture (e.g. ``depth=1`` for a small test model).
+    """
+    from timm.models.vision_transformer import VisionTransformer
+
+    args = {"patch_size": 32, "embed_dim": 768, "depth": 8, "num_heads": 8, "mlp_ratio": 4.0, "qkv_bias": True}
+    model = VisionTransformer(img_size=img_size, num_classes=0, global_pool="", **(args | kwargs))
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.trunc_normal_(module.weight, std=0.01)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out")
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.trunc_normal_(model.pos_embed, std=0.02)
+    nn.init.trunc_normal_(model.cls_token, std=0.02)
+    return model
+
+
+_BUILTIN_ENCODERS = {"sth_tinycnn": TinyCNN, "vit_b32_cmrc": vit_b32_cmrc}
 
 
 def _hub_id(weights: str | Path | None) -> str | None:
@@ -204,9 +232,11 @@ class ImageEncoder(nn.Module):
         if self.spec is not None:
             self.model = self._create_registered(self.spec, weights, hub_id, img_size, kwargs)
         elif name in _BUILTIN_ENCODERS:
-            if hub_id is not None or kwargs:
+            if hub_id is not None or (kwargs and name == "sth_tinycnn"):
                 raise ValueError(f"The built-in encoder {name!r} takes neither hub weights nor timm arguments.")
-            self.model = _BUILTIN_ENCODERS[name]()
+            # the tiny CNN takes any input size; the authors' ViT is built for `img_size`
+            size = {} if name == "sth_tinycnn" else {"img_size": img_size or 224}
+            self.model = _BUILTIN_ENCODERS[name](**size, **kwargs)
         else:
             self.model = _create_timm(name, img_size, hub_id, kwargs)
         self.num_features: int = self.model.num_features

@@ -79,6 +79,11 @@ class ExpressionModule(L.LightningModule):
                 n_blocks=c.n_fusion_blocks,
                 mask_ratio=c.mask_ratio,
                 dropout=c.fusion_dropout,
+                style=c.fusion,
+                cross_heads=c.cross_heads,
+                cross_dropout=c.cross_dropout,
+                block_cross_dropout=c.block_cross_dropout,
+                mask_in_eval=c.mask_in_validation,
             )
         self.neighbour_attention = (
             NeighbourAttention(c.proj_dim, c.n_heads, c.fusion_dropout) if c.neighbour_attention else None
@@ -162,20 +167,24 @@ class ExpressionModule(L.LightningModule):
         """Scalar losses of a batch.
 
         Returns ``"contrastive"``, ``"reconstruction"`` and ``"regression"`` as configured, and their combination
-        ``"loss"`` (``sum w * log(1 + L)``).
+        ``"loss"`` (``sum w * log(1 + L)``; with ``contrastive_log="per_sample"`` the contrastive term is the mean
+        over spots of ``log(1 + L)``, and ``"contrastive"`` reports the mean ``L``).
         """
         c = self.config
         emb, tokens, spot_emb = self._embed(batch)
         expression = batch["expression"]
         losses: dict[str, torch.Tensor] = {}
         if self.gene_encoder is not None:
-            losses["contrastive"] = soft_contrastive_loss(emb, self.gene_encoder(expression), c.tau)
+            reduction = "none" if c.contrastive_log == "per_sample" else "mean"
+            losses["contrastive"] = soft_contrastive_loss(emb, self.gene_encoder(expression), c.tau, reduction=reduction)
         if self.fusion is not None:
             reconstruction = self.fusion(tokens, self.gene_tokens(expression))
-            losses["reconstruction"] = reconstruction_loss(reconstruction, spot_emb)
+            losses["reconstruction"] = reconstruction_loss(reconstruction, spot_emb, stop_grad=c.recon_stop_grad)
         if self.regression is not None:
             losses["regression"] = F.mse_loss(self.regression(emb), expression)
-        losses["loss"] = combine_losses(losses, {"regression": c.regression_weight})
+        total = combine_losses(losses, {"regression": c.regression_weight})
+        losses = {name: value.mean() for name, value in losses.items()}  # per-spot terms reported as their mean
+        losses["loss"] = total
         return losses
 
     def _log_losses(self, losses: dict[str, torch.Tensor], prefix: str, batch_size: int) -> None:
@@ -196,15 +205,28 @@ class ExpressionModule(L.LightningModule):
         return losses["loss"]
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """Compute the losses in eval mode (no masking, no dropout) and log them as ``val_*`` per epoch."""
+        """Compute the losses in eval mode (no dropout; masking only with ``mask_in_validation``), log ``val_*``."""
         losses = self.compute_losses(batch)
         self._log_losses(losses, "val", batch["expression"].shape[0])
         return losses["loss"]
 
     def configure_optimizers(self):
-        """AdamW with linear warm-up then cosine decay to zero over the trainer's estimated steps."""
+        """AdamW with linear warm-up then cosine decay to zero over the trainer's estimated steps.
+
+        With ``lr_schedule="epoch_cosine"`` (the authors'): cosine annealing per epoch, epoch ``e`` (from 0) at
+        ``eta_min + (lr - eta_min) * (1 + cos(pi * (e + 1) / t_max)) / 2``, as their ``CosineAnnealingLR`` stepped
+        once before each epoch.
+        """
         c = self.config
         optimizer = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        if c.lr_schedule == "epoch_cosine":
+            t_max = c.t_max or c.max_epochs
+
+            def epoch_factor(epoch: int) -> float:
+                return (c.eta_min + (c.lr - c.eta_min) * 0.5 * (1 + math.cos(math.pi * (epoch + 1) / t_max))) / c.lr
+
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, epoch_factor)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
         total = self.trainer.estimated_stepping_batches
 
         def lr_factor(step: int) -> float:

@@ -313,13 +313,13 @@ class ExpressionModel:
         max_epochs: int | None = None,
         batch_size: int | None = None,
         lr: float | None = None,
-        val_fraction: float = 0.1,
+        val_fraction: float | None = None,
         val_sections: Sequence[str] | None = None,
         spots: Sequence[str] | None = None,
         accelerator: str = "auto",
         devices: int | str = "auto",
         seed: int = 0,
-        patience: int | None = 5,
+        patience: int | None | str = "preset",
         max_time: float | None = None,
         progress_bar: bool | None = None,
         fill_missing_genes: bool = False,
@@ -340,7 +340,8 @@ class ExpressionModel:
         lr
             Learning rate; default: the preset's.
         val_fraction
-            Fraction of spots held out at random for validation (early stopping, best weights, blend weights).
+            Fraction of spots held out at random for validation (early stopping, best weights, blend weights);
+            default: the preset's (``ModelConfig.val_fraction``: 0.1, for ``"cmrc"`` 0.2 of each section).
         val_sections
             Sample ids held out for validation instead of a random fraction of spots.
         spots
@@ -352,7 +353,8 @@ class ExpressionModel:
             Seeds the split, the initialisation (also of the ``"ridge_encoder"`` preset's random-init encoder), the
             augmentations and the batch order; on CPU a fixed seed gives identical models.
         patience
-            Stop after this many epochs (at least 1) without a lower validation loss (``None``: never).
+            Stop after this many epochs (at least 1) without a lower validation loss (``None``: never); default
+            ``"preset"``: the preset's (``ModelConfig.patience``: 5, for ``"cmrc"`` never).
         max_time
             Stop training after this many seconds (a compute budget), keeping the best weights so far.
         progress_bar
@@ -372,7 +374,12 @@ class ExpressionModel:
         smallest = 2 if self.is_neural and self.config.contrastive else 1  # a contrastive batch needs negatives
         batch_size = _check_int(batch_size, "batch_size", smallest, "spots per batch, e.g. 64", none=True)
         seed = _check_int(seed, "seed", None, "an integer, e.g. 0")
+        if isinstance(patience, str) and patience == "preset":
+            patience = self.config.patience if self.is_neural else None
         patience = _check_int(patience, "patience", 1, "epochs without improvement, e.g. 5, or None", none=True)
+        per_section = self.is_neural and self.config.val_per_section
+        if val_fraction is None:
+            val_fraction = self.config.val_fraction if self.is_neural else 0.1
         if lr is not None:
             lr = _check_number(lr, "lr", "a learning rate, e.g. 1e-3")
         if max_time is not None:
@@ -385,7 +392,7 @@ class ExpressionModel:
                 data = self._arrays(sdata, table_key=table_key, fill_missing_genes=fill_missing_genes, spots=spots)
         if len(data.patches) < 2:
             raise ValueError(f"Need at least 2 training spots, got {len(data.patches)}.")
-        train_idx, val_idx = _split(data, val_fraction, val_sections, seed)
+        train_idx, val_idx = _split(data, val_fraction, val_sections, seed, per_section=per_section)
         self.training_info = {
             "samples": sorted(set(data.sections)),
             "n_train_spots": int(len(train_idx)),
@@ -1121,7 +1128,9 @@ def _mean_pcc(pred: np.ndarray, true: np.ndarray) -> float:
     return float(r.mean())
 
 
-def _split(data: SpotArrays, val_fraction: float, val_sections, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _split(
+    data: SpotArrays, val_fraction: float, val_sections, seed: int, *, per_section: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     n = len(data.patches)
     if val_sections is not None:
         samples = data.sections
@@ -1136,7 +1145,19 @@ def _split(data: SpotArrays, val_fraction: float, val_sections, seed: int) -> tu
         return np.flatnonzero(~is_val), np.flatnonzero(is_val)
     if not 0 < val_fraction < 1:
         raise ValueError(f"`val_fraction` must be in (0, 1), got {val_fraction}.")
-    order = np.random.default_rng(seed).permutation(n)
+    rng = np.random.default_rng(seed)
+    if per_section:  # the authors' split: the same fraction of every section's spots
+        val = [
+            rows[rng.permutation(len(rows))[: max(1, int(round(val_fraction * len(rows))))]]
+            for rows in (np.flatnonzero(data.sections == s) for s in pd.unique(data.sections))
+            if len(rows) > 1
+        ]
+        is_val = np.zeros(n, dtype=bool)
+        is_val[np.concatenate(val) if val else []] = True
+        if is_val.sum() < 1 or is_val.all():
+            raise ValueError(f"`val_fraction` {val_fraction} per section leaves no training or validation spots.")
+        return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    order = rng.permutation(n)
     n_val = max(2, int(round(val_fraction * n))) if n >= 10 else 1
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
