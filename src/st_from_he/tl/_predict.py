@@ -88,8 +88,9 @@ def predict_expression(
       measured table for measured spots, else ``f"{shapes_key}-{index}"``;
     - ``obsm["spatial"]``: spot centres in pixels; ``obsm["X_he"]``: image embeddings;
     - ``uns["predict_expression"]``: parameters, model preset, genes, patch geometry, units, and
-      ``"coordinate_systems"``, each circles element's micrometre coordinate system (what squidpy calls
-      ``elements_to_coordinate_systems``).
+      ``"coordinate_systems"``, each circles element's coordinate system (what squidpy calls
+      ``elements_to_coordinate_systems``): its section's micrometre system in the package's layout, else the
+      circles' first system (e.g. spatialdata-io's full-resolution pixels).
 
     The table works with squidpy as it is, e.g. ``sq.gr.spatial_neighbors(sdata.tables[key_added],
     coord_type="grid", n_neighs=4)`` (pixel coordinates, ``library_key="sample"`` for several sections) or, in
