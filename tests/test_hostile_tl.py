@@ -199,8 +199,12 @@ _SDATA_FUNCTIONS = {
 @pytest.mark.parametrize("name", list(_SDATA_FUNCTIONS))
 def test_anndata_instead_of_spatialdata(split, model, name):
     adata = split[1].tables["table"]
-    with pytest.raises(TypeError, match=rf"`{name}` takes a SpatialData, got an AnnData\..*attach_histology"):
-        _SDATA_FUNCTIONS[name](adata, model)
+    if name == "sth.tl.evaluate":  # takes a measured AnnData with its predictions as `predicted=`
+        with pytest.raises(TypeError, match=r"`sth.tl.evaluate` got an AnnData of measurements: pass .*`predicted=`"):
+            _SDATA_FUNCTIONS[name](adata, model)
+    else:
+        with pytest.raises(TypeError, match=rf"`{name}` takes a SpatialData, got an AnnData\..*attach_histology"):
+            _SDATA_FUNCTIONS[name](adata, model)
     with pytest.raises(TypeError, match=rf"`{name}` takes one SpatialData, got a list of 2.*sth.io.concatenate"):
         _SDATA_FUNCTIONS[name]([split[0], split[1]], model)
 
@@ -257,7 +261,7 @@ _BAD_ARGUMENTS = [
     ("spot_grid spacing_um='100'", lambda s, m: sth.pp.spot_grid(s, "C6_image", spacing_um="100"), TypeError, "str"),
     ("spot_grid spacing_um=-1", lambda s, m: sth.pp.spot_grid(s, "C6_image", spacing_um=-1), ValueError, "positive"),
     ("spot_grid image_key", lambda s, m: sth.pp.spot_grid(s, "C6"), KeyError, "Did you mean 'C6_image'"),
-    ("spot_grid image_key=None", lambda s, m: sth.pp.spot_grid(s, None), TypeError, r"images present: \['C6_image'"),
+    ("spot_grid image_key=5", lambda s, m: sth.pp.spot_grid(s, 5), TypeError, r"images present: \['C6_image'"),
     ("patches size_um=-1", lambda s, m: sth.pp.extract_patches(s, size_um=-1), ValueError, "`size_um` must be"),
     ("patches size_um='112'", lambda s, m: sth.pp.extract_patches(s, size_um="112"), TypeError, "`size_um` must"),
     ("patches size_px=2.5", lambda s, m: sth.pp.extract_patches(s, size_px=2.5), ValueError, "`size_px` must"),
@@ -328,11 +332,14 @@ def test_predictions_independent_of_batch_size_and_row_order(split, model):
 # 7. spot centres outside the image
 # --------------------------------------------------------------------------------------------------------------------
 def test_spots_outside_the_image_are_refused(split, model):
-    table = split[1].tables["table"].copy()
+    table = split[1].tables["table"]
     width = split[1].images["C6_image"]["scale0"]["image"].shape[2]
-    table.obsm["spatial"] = table.obsm["spatial"].copy()
-    table.obsm["spatial"][[3, 8, 40], 0] += width
-    sdata = _section(split[1], table)
+    sdata = _section(split[1], table.copy())
+    # spot centres come from the annotated circles: move three of them off the image
+    circles = sdata.shapes["C6_spots"].copy()
+    moved = circles.index.isin(table.obs["spot_id"].iloc[[3, 8, 40]])
+    circles.loc[moved, "geometry"] = circles.geometry[moved].translate(xoff=width)
+    sdata.shapes["C6_spots"] = circles
     with pytest.raises(ValueError, match=r"Sample 'C6': 3 of 60 spot centres lie outside the"):
         sth.pp.extract_patches(sdata)
     with pytest.raises(ValueError, match=r"Sample 'C6': 3 of 60 spot centres lie outside the"):
