@@ -198,8 +198,8 @@ def ratios(df: pd.DataFrame) -> pd.DataFrame:
             name = score.removeprefix("pcc_")
             out[f"{name} random"] = random
             out[f"{name} pretrained"] = pretrained
-            # a ratio of correlations near zero (B4) says little: the difference is given beside it
-            out[f"{name} ratio"] = pretrained / random
+            # a ratio over a PCC at or below zero means nothing (B4): left empty, the difference is given beside it
+            out[f"{name} ratio"] = (pretrained / random).where(random > 0)
             out[f"{name} diff"] = pretrained - random
     return out.reset_index()
 
@@ -245,7 +245,20 @@ def report(df: pd.DataFrame, info: dict, args) -> str:
         "- Scores: `sth.tl.evaluate(test, predicted_key='pred')` summary of each held-out section: mean PCC on the "
         "HVG-50, HEG-50 and breast markers, the HVG count-noise ceiling, and Moran's I ratio (predicted / measured).",
         "",
-        "## Pretrained / random, same run",
+    ]
+    first = df[df["seed"] == df["seed"].min()]
+    means = ratios(first).drop(columns=["section", "seed"]).groupby(["fold", "method"], sort=False).mean()
+    for score in RATIOS:  # ratios of the means, not means of ratios
+        name = score.removeprefix("pcc_")
+        if f"{name} ratio" in means:
+            random = means[f"{name} random"]
+            means[f"{name} ratio"] = (means[f"{name} pretrained"] / random).where(random > 0)
+    lines += [
+        f"## Mean over each fold's held-out sections (seed {first['seed'].iloc[0]})",
+        "",
+        means.reset_index().to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "## Pretrained / random per section, same run",
         "",
     ]
     rat = ratios(df)
