@@ -17,7 +17,8 @@ HEG-50 and breast markers, the count-noise ceiling of the HVG, Moran's I ratio),
 of the same run.
 
 Run: ``python benchmarks/pretraining.py [--data ../shared/data/her2st] [--pretrain-s 300] [--presets ridge_encoder
-default] [--budget-s 180] [--epochs 20] [--c-sections C6 C2 ...] [--weights mim.safetensors]``. The pretrained
+default] [--budget-s 180] [--epochs 20] [--c-sections C6 C2 ...] [--weights mim.safetensors] [--seed 1 --append]
+[--from-csv --reading reading.md]``. The pretrained
 weights are written to ``--weights`` (reused when the file exists, so a second run compares against the same
 encoder). Writes ``benchmarks/results/pretraining.csv`` (after every fit, so an interrupted run keeps what it
 measured) and ``benchmarks/results/pretraining.md``.
