@@ -6,7 +6,7 @@ This subpackage knows tensors only; :mod:`st_from_he.tl` translates between Spat
 from ._augment import BatchAugment, lower_resolution
 from ._config import ModelConfig
 from ._context import MultiScaleFusion, NeighbourAttention
-from ._encoders import ImageEncoder, TinyCNN, load_encoder_weights
+from ._encoders import ImageEncoder, TinyCNN, VectorEncoder, load_encoder_weights
 from ._foundation import (
     FOUNDATION_ENCODERS,
     EncoderSpec,
@@ -44,6 +44,7 @@ __all__ = [
     "RegressionHead",
     "SNNGeneTokens",
     "TinyCNN",
+    "VectorEncoder",
     "combine_losses",
     "load_encoder_weights",
     "lower_resolution",

@@ -70,7 +70,8 @@ def embed(
 
     - ``obsm[key_added]``: float32 array ``(n_spots, dim)`` in table row order;
     - ``uns[key_added]["params"]``: the encoder's name, timm architecture, weights (file path, hub id or
-      ``"random"``), input size, mean, std and pooling, and ``size_um``, ``size_px``, ``table_key``.
+      ``"random"``), input size, mean, std and pooling, a ``fingerprint`` of the encoder's tensors, and
+      ``size_um``, ``size_px``, ``table_key``.
 
     Raises
     ------
@@ -147,6 +148,7 @@ def embed(
     table.uns[key_added] = {
         "params": {
             **model.describe(),
+            "fingerprint": model.backbone.fingerprint(),  # tells two encoders of one name and file name apart
             "size_um": size_um,
             "size_px": model.img_size,
             "table_key": table_key,
