@@ -141,6 +141,10 @@ def test_concatenate_without_concatenate_tables(her2st_small):
         sth.pp.extract_patches(joined, size_px=SIZE_PX)
     with pytest.raises(KeyError, match="concatenate_tables=True"):
         sth.pp.select_genes(joined)
+    genes = list(joined.tables[sorted(joined.tables)[0]].var_names[:20])
+    with pytest.raises(KeyError, match="concatenate_tables=True"):
+        sth.tl.ExpressionModel(genes, preset="mean").fit(joined)
+    assert sth.tl.ExpressionModel(genes, preset="mean").fit(joined, table_key=sorted(joined.tables)[0]).is_fitted
     key = sorted(joined.tables)[1]
     patches = sth.pp.extract_patches(joined, size_px=SIZE_PX, table_key=key)  # one table chosen by name
     assert set(patches.samples) == {"C6"}

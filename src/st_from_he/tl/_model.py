@@ -204,7 +204,7 @@ class ExpressionModel:
     # -- training --------------------------------------------------------------------------------------------------
 
     def _arrays(self, sdata, *, table_key, fill_missing_genes=False, spots=None) -> SpotArrays:
-        from st_from_he._sdata import check_sdata
+        from st_from_he._sdata import check_sdata, find_table
 
         sections = as_list(sdata)
         if not sections:
@@ -212,8 +212,7 @@ class ExpressionModel:
         parts = []
         for s in sections:
             check_sdata(s, "ExpressionModel.fit")
-            if table_key not in s.tables:
-                raise KeyError(f"No table {table_key!r} of measured counts to train on; tables: {list(s.tables)}.")
+            table_key = find_table(s, table_key, what="measured")  # None: the obvious table; table_0, ... refused
             names = s.tables[table_key].obs_names
             chosen = None if spots is None else names[names.isin(spots)]
             parts.append(
@@ -240,7 +239,7 @@ class ExpressionModel:
 
         Records how the embeddings were made (:attr:`feature_params`); every training table must agree on it.
         """
-        from st_from_he._sdata import SAMPLE_KEY, check_sdata, spot_sections
+        from st_from_he._sdata import SAMPLE_KEY, check_sdata, find_table, spot_sections
 
         from ._data import measured_targets
 
@@ -250,8 +249,7 @@ class ExpressionModel:
         parts, expected = [], None
         for s in sections:
             check_sdata(s, "ExpressionModel.fit")
-            if table_key not in s.tables:
-                raise KeyError(f"No table {table_key!r} of measured counts to train on; tables: {list(s.tables)}.")
+            table_key = find_table(s, table_key, what="measured")  # None: the obvious table; table_0, ... refused
             table = s.tables[table_key]
             where = f"training table {table_key!r}"
             values, params = table_embeddings(table, self.features, where=where, hint=self._embed_hint())
@@ -309,7 +307,7 @@ class ExpressionModel:
         self,
         sdata,
         *,
-        table_key: str = TABLE_KEY,
+        table_key: str | None = None,
         max_epochs: int | None = None,
         batch_size: int | None = None,
         lr: float | None = None,
@@ -331,7 +329,9 @@ class ExpressionModel:
         sdata
             One :class:`~spatialdata.SpatialData` or a list of them, each with a table of raw counts.
         table_key
-            Table holding the measured raw counts.
+            Table holding the measured raw counts; ``None``: ``"table"``, else the only table of counts
+            (``spatialdata.concatenate`` without ``concatenate_tables=True`` leaves one table per section, which is
+            refused with a message saying how to join them).
         max_epochs
             Training epochs (neural presets, at least 1); default: the preset's.
         batch_size
