@@ -54,13 +54,15 @@ def visium_crop_dir() -> Path:
 SPOT_DIAMETER_FULLRES_UM = 65.0  # 10x: spot_diameter_fullres spans a theoretical 65 um spot of the full-res image
 
 
-def write_spaceranger_section(sdata, sample: str, he_jpeg: Path, out: Path, *, down: int = 4, n_genes: int = 300):
+def write_spaceranger_section(
+    sdata, sample: str, he_jpeg: Path, out: Path, *, down: int = 4, n_genes: int = 300, genes=()
+):
     """Write ``sample`` of one of our readers' SpatialData as a Space Ranger ``outs/`` folder.
 
     The "full-resolution" image ``f"{sample}_full.tif"`` is the section's H&E decoded at ``1/down`` scale (JPEG draft
     decoding: fast) and cropped around the spots; the scale factors are truthful for it (``spot_diameter_fullres`` is
     the pixels of 65 um, as Space Ranger records); ``array_row``/``array_col`` are the legacy ST array coordinates
-    (not a Visium grid). The counts are the ``n_genes`` genes of highest total count, as raw integers.
+    (not a Visium grid). The counts are the ``n_genes`` genes of highest total count and ``genes``, as raw integers.
 
     Returns
     -------
@@ -112,7 +114,7 @@ def write_spaceranger_section(sdata, sample: str, he_jpeg: Path, out: Path, *, d
         }
     ).to_csv(out / "spatial" / "tissue_positions.csv", index=False)
     total = np.asarray(table.X.sum(axis=0)).ravel()
-    keep = np.sort(np.argsort(-total, kind="stable")[:n_genes])
+    keep = np.union1d(np.argsort(-total, kind="stable")[:n_genes], table.var_names.get_indexer(list(genes)))
     by_gene = sparse.csc_matrix(table.X[:, keep].T.astype(np.int32))  # 10x stores genes x barcodes in CSC
     with h5py.File(out / "filtered_feature_bc_matrix.h5", "w") as f:
         f.attrs["library_ids"] = np.array([sample.encode()])
@@ -129,6 +131,12 @@ def write_spaceranger_section(sdata, sample: str, he_jpeg: Path, out: Path, *, d
         features["genome"] = np.array([b"GRCh38"] * len(keep))
         features["_all_tag_keys"] = np.array([b"genome"])
     return out, px_um
+
+
+@pytest.fixture(scope="session")
+def spaceranger_writer():
+    """:func:`write_spaceranger_section`, for tests that write a Space Ranger folder of their own."""
+    return write_spaceranger_section
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,9 @@ circles mapped into the drawn image's pixels, and the image's darkness under the
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import anndata as ad
-import h5py
 import matplotlib
 
 matplotlib.use("Agg")
@@ -89,62 +87,13 @@ def c6(her2st_dir) -> SpatialData:
 
 
 @pytest.fixture(scope="module")
-def visium(c6, her2st_dir, tmp_path_factory) -> SpatialData:
+def visium(c6, her2st_dir, tmp_path_factory, spaceranger_writer) -> SpatialData:
     """C6 written as a Space Ranger ``outs/`` folder and read with ``spatialdata_io.visium`` (images ``C6_*_image``,
     circles ``C6``, table rows with region ``"C6"`` and no ``obs["sample"]``)."""
     import spatialdata_io
 
     out = tmp_path_factory.mktemp("spaceranger") / "outs"
-    (out / "spatial").mkdir(parents=True)
-    table = c6.tables["table"]
-    with Image.open(her2st_dir / "C6" / "C6_HE.jpg") as im:
-        im.draft("RGB", (im.width // DOWN, im.height // DOWN))
-        small = im.convert("RGB")
-    xy = table.obsm["spatial"] / DOWN
-    radius = float(c6.shapes["C6_spots"]["radius"].iloc[0]) / DOWN
-    x0, y0 = np.floor(xy.min(axis=0) - 4 * radius).astype(int)
-    x1, y1 = np.ceil(xy.max(axis=0) + 4 * radius).astype(int)
-    full = small.crop((x0, y0, x1, y1))
-    full.save(out / "C6_full.tif")
-    xy = xy - [x0, y0]
-    scalefactors = {
-        "spot_diameter_fullres": 2 * radius,
-        "fiducial_diameter_fullres": 3 * radius,
-        "tissue_hires_scalef": 0.5,
-        "tissue_lowres_scalef": 0.15,
-    }
-    (out / "spatial" / "scalefactors_json.json").write_text(json.dumps(scalefactors))
-    for name in ("hires", "lowres"):
-        s = scalefactors[f"tissue_{name}_scalef"]
-        full.resize((round(full.width * s), round(full.height * s))).save(out / "spatial" / f"tissue_{name}_image.png")
-    barcodes = table.obs["spot_id"].astype(str).to_numpy()
-    pd.DataFrame(
-        {
-            "barcode": barcodes,
-            "in_tissue": 1,
-            "array_row": table.obs["array_row"].to_numpy(),
-            "array_col": table.obs["array_col"].to_numpy(),
-            "pxl_row_in_fullres": xy[:, 1],
-            "pxl_col_in_fullres": xy[:, 0],
-        }
-    ).to_csv(out / "spatial" / "tissue_positions.csv", index=False)
-    total = np.asarray(table.X.sum(axis=0)).ravel()
-    keep = np.union1d(np.argsort(-total)[:300], table.var_names.get_indexer(GENES))
-    by_gene = sparse.csc_matrix(table.X[:, keep].T.astype(np.int32))  # 10x stores genes x barcodes in CSC
-    with h5py.File(out / "filtered_feature_bc_matrix.h5", "w") as f:
-        f.attrs["library_ids"] = np.array([b"C6"])
-        m = f.create_group("matrix")
-        m["barcodes"] = np.array(barcodes, dtype="S")
-        m["data"] = by_gene.data
-        m["indices"] = by_gene.indices.astype(np.int64)
-        m["indptr"] = by_gene.indptr.astype(np.int64)
-        m["shape"] = np.array(by_gene.shape, dtype=np.int32)
-        features = m.create_group("features")
-        features["id"] = np.array([f"ENSG{i:011d}" for i in keep], dtype="S")
-        features["name"] = np.array(table.var_names[keep], dtype="S")
-        features["feature_type"] = np.array([b"Gene Expression"] * len(keep))
-        features["genome"] = np.array([b"GRCh38"] * len(keep))
-        features["_all_tag_keys"] = np.array([b"genome"])
+    spaceranger_writer(c6, "C6", her2st_dir / "C6" / "C6_HE.jpg", out, down=DOWN, genes=GENES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         sdata = spatialdata_io.visium(out, dataset_id="C6", fullres_image_file="C6_full.tif")
