@@ -176,7 +176,9 @@ class ExpressionModule(L.LightningModule):
         losses: dict[str, torch.Tensor] = {}
         if self.gene_encoder is not None:
             reduction = "none" if c.contrastive_log == "per_sample" else "mean"
-            losses["contrastive"] = soft_contrastive_loss(emb, self.gene_encoder(expression), c.tau, reduction=reduction)
+            losses["contrastive"] = soft_contrastive_loss(
+                emb, self.gene_encoder(expression), c.tau, reduction=reduction
+            )
         if self.fusion is not None:
             reconstruction = self.fusion(tokens, self.gene_tokens(expression))
             losses["reconstruction"] = reconstruction_loss(reconstruction, spot_emb, stop_grad=c.recon_stop_grad)
