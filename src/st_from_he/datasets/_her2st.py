@@ -172,13 +172,9 @@ _VERIFIED: dict[tuple[str, int, int], bool] = {}
 
 
 def _sha256(path: Path) -> str:
-    import hashlib
+    import pooch
 
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return pooch.file_hash(str(path), alg="sha256")
 
 
 def _corrupt_files(folder: Path, sections: Sequence[str]) -> list[tuple[str, str, str]]:

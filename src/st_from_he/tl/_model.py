@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -1255,11 +1254,9 @@ def _check_path(path) -> Path:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    import pooch  # the same file hashing that checks downloaded datasets
+
+    return pooch.file_hash(str(path), alg="sha256")
 
 
 def _file_record(path: Path) -> dict[str, Any]:
