@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -67,8 +66,8 @@ def table_samples(table: AnnData) -> np.ndarray | None:
     return None
 
 
-def table_store(data, tables: dict[str, Any], function: str) -> SimpleNamespace:
-    """An object with ``.tables`` for the ``tl`` helpers that look tables up by key (they read nothing else).
+def table_store(data, tables: dict[str, Any], function: str) -> dict[str, AnnData]:
+    """The tables by key, as the ``tl`` helpers that look tables up by key take them (a mapping or a SpatialData).
 
     ``tables`` maps keys to an :class:`~anndata.AnnData` or to ``None`` (take ``data.tables[key]``). Tables without
     region and instance columns (a plain scanpy table) are matched by ``obs_names``: shallow copies get a region
@@ -89,7 +88,7 @@ def table_store(data, tables: dict[str, Any], function: str) -> SimpleNamespace:
         out[key] = table
     if any(not {*table_keys(t)} <= set(t.obs.columns) for t in out.values()):
         out = {key: _keyed_by_obs_names(t) for key, t in out.items()}
-    return SimpleNamespace(tables=out)
+    return out
 
 
 def _keyed_by_obs_names(table: AnnData) -> AnnData:

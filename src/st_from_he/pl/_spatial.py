@@ -379,8 +379,8 @@ def tumor_map(
             store = table_store(data, {table_key: None, measured_key: None}, function)
             meas = data.tables[measured_key]
             flags = _labels(meas, labels, measured_key)
-            scored = _spot_index(store.tables[table_key], table_key)[rows]
-            hit = _spot_index(store.tables[measured_key], measured_key).get_indexer(scored)
+            scored = _spot_index(store[table_key], table_key)[rows]
+            hit = _spot_index(store[measured_key], measured_key).get_indexer(scored)
         state = np.full(len(rows), np.nan)  # 1 tumour, 0 not, NaN unlabelled or unmatched
         state[hit >= 0] = flags.to_numpy(dtype=float, na_value=np.nan)[hit[hit >= 0]]
         known, positive = ~np.isnan(state), state == 1
