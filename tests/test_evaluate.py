@@ -330,6 +330,7 @@ def test_predictions_on_extra_spots_are_left_out(base, genes):
 def test_gene_correlation_perfect_and_noisy(perfect, base, genes):
     res = gene_correlation(perfect, sample="C6")
     assert res["preservation"] == pytest.approx(1.0, abs=1e-6) and res["mean_abs_diff"] < 1e-5
+    assert res["moran_ratio"] == pytest.approx(1.0)
     m = res["measured"]
     assert m.shape == (50, 50) and list(m.index) == list(m.columns) == list(res["predicted"].index)
     np.testing.assert_allclose(np.diag(m), 1.0)
@@ -343,6 +344,31 @@ def test_gene_correlation_perfect_and_noisy(perfect, base, genes):
     res = gene_correlation(noisy, genes=["ERBB2", "GRB7", "KRT19", "CD74", "IGKC"], sample="C5")
     assert 0 < res["preservation"] < 1 and res["gene_set"] == "custom"
     assert list(res["measured"].index) == ["ERBB2", "GRB7", "KRT19", "CD74", "IGKC"]
+
+
+def test_gene_correlation_structure_metrics_are_evaluates(base, genes):
+    """A smoothed prediction exaggerates gene-gene structure: the same numbers as evaluate's, and as computed here."""
+    smooth = _with(base, predicted_expression=_fake_prediction(base, genes, noise=0.5, smooth=True, seed=2))
+    summary = evaluate(smooth, gene_sets=["heg"])["summary"]
+    for sample in ("C5", "C6"):
+        res = gene_correlation(smooth, sample=sample)  # the section's 50 HEG, as in evaluate's summary
+        row = summary.loc[sample]
+        assert res["preservation"] == pytest.approx(row["preservation"], abs=1e-12)
+        assert res["mean_abs_diff"] == pytest.approx(row["corr_abs_diff"], abs=1e-12)
+        assert res["moran_ratio"] == pytest.approx(row["moran_ratio"], rel=1e-12)
+        assert res["mean_abs_diff"] > 0.05 and res["moran_ratio"] > 1.5  # neighbour averaging: both well off
+        # independently: numpy's correlation matrices of the lognorm targets and of the prediction table
+        meas = base.tables["table"][base.tables["table"].obs["sample"] == sample]
+        pred = smooth.tables["predicted_expression"]
+        pred = pred[pred.obs["sample"] == sample]
+        pred = pred[pd.Index(pred.obs["spot_id"]).get_indexer(meas.obs["spot_id"])]  # rows in measured order
+        m = np.corrcoef(_lognorm(meas.X)[:, meas.var_names.get_indexer(res["measured"].index)].T)
+        p = np.corrcoef(np.asarray(pred[:, res["measured"].index].X, dtype=np.float64).T)
+        np.testing.assert_allclose(res["predicted"], p, atol=1e-5)
+        iu = np.triu_indices(len(m), k=1)
+        assert res["mean_abs_diff"] == pytest.approx(np.abs(p - m)[iu].mean(), abs=1e-5)
+        stored = smooth.tables["predicted_expression"].uns["gene_correlation"][sample]
+        assert stored["mean_abs_diff"] == res["mean_abs_diff"] and stored["moran_ratio"] == res["moran_ratio"]
 
 
 def test_gene_correlation_errors(perfect):

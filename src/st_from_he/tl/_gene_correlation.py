@@ -13,7 +13,7 @@ from st_from_he._logging import logger
 from st_from_he._sdata import PREDICTED_KEY, TABLE_KEY, check_sdata
 from st_from_he._validate import check_number
 
-from ._evaluate import _corrcoef, _paired, _predicted_table, _preservation
+from ._evaluate import _corrcoef, _grid_graph, _moran_ratio, _paired, _predicted_table, _preservation
 from ._gene_sets import GENE_SETS, _check_markers, _check_measured_params, _select_genes
 
 if TYPE_CHECKING:
@@ -77,13 +77,16 @@ def _gene_correlation(
     if len(chosen) < 2:
         raise ValueError(f"Gene-gene correlation needs at least 2 genes, got {chosen}.")
     index = pd.Index(chosen, name="gene")
+    # the same helpers as tl.evaluate's summary, so both report the same numbers for the same section and genes
     measured_corr, predicted_corr = _corrcoef(measured), _corrcoef(predicted)
     preservation, mean_abs_diff = _preservation(measured_corr, predicted_corr)
+    graph = None if paired.positions is None else _grid_graph(paired.positions[rows])
     return {
         "measured": pd.DataFrame(measured_corr, index=index, columns=index.copy()),
         "predicted": pd.DataFrame(predicted_corr, index=index, columns=index.copy()),
         "preservation": preservation,
         "mean_abs_diff": mean_abs_diff,
+        "moran_ratio": _moran_ratio(graph, measured, predicted),
         "sample": sample,
         "gene_set": gene_set,
     }
@@ -109,7 +112,13 @@ def gene_correlation(
     ``log1p`` CP10k expression and once on the prediction (spots matched by region and instance id, as in
     :func:`~st_from_he.tl.evaluate`). A pair involving a gene that is constant in the section has correlation 0.
     The preservation score is the Pearson correlation between the upper triangles (diagonal excluded) of the two
-    matrices: 1 when the prediction keeps the measured co-expression structure, near 0 when it does not.
+    matrices: 1 when the prediction keeps the measured co-expression structure, near 0 when it does not. It is blind
+    to scale: a prediction whose correlations are all pushed towards +-1 (blocks of genes moving together far more
+    than they do in the counts) can still score high, so the mean absolute difference of the two upper triangles is
+    reported next to it (0 when the matrices agree). The Moran's I ratio says the same of space: the median Moran's
+    I of the predicted genes over that of the measured ones (1: as spatially smooth as the counts). All three are
+    computed as in the summary of :func:`~st_from_he.tl.evaluate` (``preservation``, ``corr_abs_diff``,
+    ``moran_ratio``, there on the section's HEG), so the numbers agree for the same section and genes.
 
     Parameters
     ----------
@@ -140,7 +149,11 @@ def gene_correlation(
     - ``"measured"`` and ``"predicted"``: gene x gene Pearson correlation :class:`~pandas.DataFrame` (same gene
       order: the gene set order, e.g. highest mean expression first for ``"heg"``);
     - ``"preservation"``: Pearson r between the matrices' upper triangles (:class:`float`);
-    - ``"mean_abs_diff"``: mean absolute difference between the upper triangles (:class:`float`);
+    - ``"mean_abs_diff"``: mean absolute difference between the upper triangles (:class:`float`; ``corr_abs_diff``
+      of :func:`~st_from_he.tl.evaluate`);
+    - ``"moran_ratio"``: median Moran's I of the predicted genes over that of the measured genes (:class:`float`;
+      neighbours: spots within 1.5x the median nearest-neighbour distance, from the measured table's
+      ``obsm["spatial"]``; NaN without positions or where the measured median is not positive);
     - ``"sample"`` and ``"gene_set"`` (``"custom"`` for a gene list).
 
     The same dict is stored in ``sdata.tables[predicted_key].uns[key_added][sample]``, so results for several
@@ -150,7 +163,7 @@ def gene_correlation(
     --------
     >>> import st_from_he as sth
     >>> res = sth.tl.gene_correlation(sdata, genes="heg", sample="C6")  # doctest: +SKIP
-    >>> res["preservation"]  # doctest: +SKIP
+    >>> res["preservation"], res["mean_abs_diff"], res["moran_ratio"]  # doctest: +SKIP
     >>> for s in ["C5", "C6"]:  # several test sections
     ...     sth.tl.gene_correlation(sdata, sample=s)  # doctest: +SKIP
     >>> sdata.tables["predicted_expression"].uns["gene_correlation"]["C5"]["preservation"]  # doctest: +SKIP
@@ -172,10 +185,11 @@ def gene_correlation(
     stored[result["sample"]] = {**result, "params": {"n_genes": int(n_genes), "measured_key": measured_key}}
     table.uns[key_added] = stored
     logger.info(
-        "%s: gene-gene correlation preservation %.3f over %d genes (mean |difference| %.3f).",
+        "%s: gene-gene correlation preservation %.3f over %d genes (mean |difference| %.3f, Moran's I ratio %.2f).",
         result["sample"],
         result["preservation"],
         len(result["measured"]),
         result["mean_abs_diff"],
+        result["moran_ratio"],
     )
     return result
