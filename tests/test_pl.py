@@ -32,6 +32,7 @@ import st_from_he.pl as pl
 from st_from_he.pl._layout import spot_layout
 from st_from_he.pl._metrics import _tidy
 from st_from_he.tl._evaluate import evaluate
+from st_from_he.tl._gene_correlation import gene_correlation
 from st_from_he.tl._tumor import score_tumor
 
 pytestmark = pytest.mark.filterwarnings("ignore:zarr v3 autosharding:UserWarning")
@@ -176,12 +177,50 @@ def test_plot_predicted_vs_measured_scatter(sdata, actual_dir):
 
 def test_plot_gene_correlation(sdata, actual_dir):
     fig = pl.gene_correlation(sdata, "heg", sample="C6", n_genes=20, return_fig=True)
-    measured, predicted = fig.axes[0], fig.axes[1]
+    measured, predicted, difference = fig.axes[:3]
     labels = [t.get_text() for t in measured.get_yticklabels()]
-    assert len(labels) == 20 and labels == [t.get_text() for t in predicted.get_yticklabels()]  # same gene order
+    for ax in (predicted, difference):  # same gene order in every panel
+        assert [t.get_text() for t in ax.get_yticklabels()] == labels
+        assert [t.get_text() for t in ax.get_xticklabels()] == labels
+    assert len(labels) == 20
     assert measured.images[0].get_clim() == predicted.images[0].get_clim() == (-1.0, 1.0)
-    assert "preservation r = " in fig.get_suptitle()
+    res = gene_correlation(sdata, sample="C6", n_genes=20)
+    # the difference panel is predicted - measured of tl.gene_correlation, drawn in the panels' gene order
+    drawn = difference.images[0].get_array()
+    expected = (res["predicted"] - res["measured"]).loc[labels, labels].to_numpy()
+    np.testing.assert_allclose(drawn, expected, atol=1e-12)
+    np.testing.assert_allclose(measured.images[0].get_array(), res["measured"].loc[labels, labels], atol=1e-12)
+    assert np.abs(drawn[np.triu_indices(20, k=1)]).mean() == pytest.approx(res["mean_abs_diff"])
+    low, high = difference.images[0].get_clim()  # centred at 0, reaching the largest difference
+    assert low == -high and np.abs(expected).max() <= high < np.abs(expected).max() + 0.1
+    assert difference.images[0].get_cmap().name != measured.images[0].get_cmap().name
+    assert difference.get_title() == f"Predicted \u2212 measured\nmean |difference| = {res['mean_abs_diff']:.2f}"
+    assert f"preservation r = {res['preservation']:.2f}" in fig.get_suptitle()
+    colour_bars = [ax.get_ylabel() for ax in fig.axes[3:]]
+    assert colour_bars == ["Pearson r", "difference of r"]  # one shared by the correlations, one of its own
     compare(fig, "gene_correlation", actual_dir)
+
+
+def test_gene_correlation_panels_and_given_axes(sdata):
+    """Two panels without the difference; 2 given Axes draw as before, 3 add the difference; mismatches explained."""
+    genes = ["ERBB2", "GRB7", "KRT19", "KRT8"]
+    fig = pl.gene_correlation(sdata, genes, sample="C6", difference=False, return_fig=True)
+    assert [ax.get_title() for ax in fig.axes] == ["Measured", "Predicted", ""]  # the last: the colour bar
+    plt.close(fig)
+    fig, two = plt.subplots(1, 2)
+    assert list(pl.gene_correlation(sdata, genes, sample="C6", ax=two)) == list(two)
+    assert len(fig.axes) == 3 and two[1].get_title().startswith("Predicted\npreservation r = ")
+    fig, three = plt.subplots(1, 3)
+    pl.gene_correlation(sdata, genes, sample="C6", ax=three, difference=True)
+    assert three[2].get_title().startswith("Predicted \u2212 measured\nmean |difference| = ")
+    assert len(fig.axes) == 5  # two colour bars
+    with pytest.raises(ValueError, match=r"takes 3 Axes with difference=True, got 2; pass 3 Axes or difference=False"):
+        pl.gene_correlation(sdata, genes, sample="C6", ax=two, difference=True)
+    with pytest.raises(ValueError, match=r"takes 2 Axes \(measured, predicted\) or 3 \(and their difference\), got 4"):
+        pl.gene_correlation(sdata, genes, sample="C6", ax=plt.subplots(2, 2)[1])
+    with pytest.raises(TypeError, match="`difference` must be True, False or None"):
+        pl.gene_correlation(sdata, genes, sample="C6", difference="yes")
+    plt.close("all")
 
 
 def test_plot_metrics(results, actual_dir):

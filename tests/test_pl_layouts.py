@@ -217,7 +217,7 @@ def test_anndata_tables_with_and_without_an_image(c6):
     assert len([a for a in fig.axes if a.get_visible()]) == 4
     plt.close(fig)
     axes = pl.gene_correlation(table, GENES, predicted=pred, show=False)
-    assert [a.get_title() for a in axes] == ["Measured", "Predicted"]
+    assert [a.get_title().split("\n")[0] for a in axes] == ["Measured", "Predicted", "Predicted \u2212 measured"]
     scored = pred.copy()
     scored.obs["tumor_score"] = np.asarray(pred[:, "ERBB2"].X).ravel()
     scored.obsm["spatial"] = table.obsm["spatial"]  # as sth.tl.predict_expression writes (same spots, same order)

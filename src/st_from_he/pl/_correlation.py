@@ -41,9 +41,56 @@ def _cluster_order(corr: np.ndarray) -> np.ndarray:
     return leaves_list(optimal_leaf_ordering(tree, dist))
 
 
+def _axes_for(ax, difference: bool | None) -> tuple[np.ndarray | None, bool]:
+    """The caller's axes (2 or 3) and whether the difference panel is drawn."""
+    from matplotlib.axes import Axes
+
+    what = "gene_correlation (measured, predicted[, difference])"
+    if ax is None:
+        return None, difference is not False
+    n = 1 if isinstance(ax, Axes) else np.size(np.asarray(list(np.ravel(ax)), dtype=object))
+    axes = given_axes(ax, n, what)  # checks that they are Axes
+    if difference is None:  # the number of axes says whether the difference panel is wanted
+        if n not in (2, 3):
+            raise ValueError(f"`ax`: {what} takes 2 Axes (measured, predicted) or 3 (and their difference), got {n}.")
+        return axes, n == 3
+    wanted = 3 if difference else 2
+    if n != wanted:
+        raise ValueError(
+            f"`ax`: {what} takes {wanted} Axes with difference={difference}, got {n}; pass {wanted} Axes or "
+            f"difference={not difference}."
+        )
+    return axes, bool(difference)
+
+
+def _symmetric_limit(values: np.ndarray) -> float:
+    """Colour limit of the difference panel: its largest absolute off-diagonal value, up to the next 0.1."""
+    off = values[~np.eye(len(values), dtype=bool)]
+    return max(0.1, float(np.ceil(np.abs(off).max() * 10 - 1e-9) / 10)) if off.size else 1.0
+
+
+def _draw_matrix(ax, values, names, *, cmap, norm, title, fontsize, show_labels):
+    """One gene x gene heatmap with its genes on both axes (or their number, when too many to read)."""
+    im = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest", aspect="equal")
+    ax.set_title(title)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    n = len(names)
+    if show_labels:
+        ticks = np.arange(n)
+        ax.set_xticks(ticks, names, rotation=90, fontsize=fontsize)
+        ax.set_yticks(ticks, names, fontsize=fontsize)
+        ax.tick_params(length=0, pad=1.5)
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel(f"{n} genes")
+    return im
+
+
 @styled
 @inject_docs
-@plot_docs(" (two: measured, predicted)")
+@plot_docs(" (two: measured, predicted; or three: and their difference)")
 def gene_correlation(
     data: SpatialData | AnnData,
     genes: str | Sequence[str] = "heg",
@@ -58,17 +105,23 @@ def gene_correlation(
     normalize: bool | None = None,
     cluster: bool = True,
     cmap: str = "RdBu_r",
+    difference: bool | None = None,
+    difference_cmap: str = "PuOr_r",
     ax: Sequence[Axes] | None = None,
     show: bool | None = None,
     save: str | Path | None = None,
     return_fig: bool = False,
 ) -> Figure | list[Axes] | None:
-    """Heatmaps of the measured and the predicted gene-gene correlation of one section, in the same gene order.
+    """Heatmaps of the measured and the predicted gene-gene correlation of one section and of their difference.
 
     The matrices are those of :func:`st_from_he.tl.gene_correlation` (Pearson across the section's spots). Genes
     are ordered by hierarchical clustering (average linkage on ``1 - r``) of the measured matrix, so blocks of
-    co-expressed genes line up; both panels share the colour scale from -1 to 1. The title gives the preservation
-    score (Pearson r between the matrices' upper triangles).
+    co-expressed genes line up; the measured and predicted panels share the colour scale from -1 to 1. A third
+    panel shows predicted minus measured in the same gene order, on a diverging scale centred at 0 with its own
+    colour bar: orange where the prediction makes two genes more correlated than they are, purple where less. The
+    titles give the preservation score (Pearson r between the matrices' upper triangles) and the mean absolute
+    difference (mean of the third panel's upper triangle): a prediction can preserve the pattern (high r) while
+    exaggerating it (large difference).
 
     Parameters
     ----------
@@ -95,7 +148,14 @@ def gene_correlation(
     cluster
         Order genes by clustering; otherwise keep the gene set's order.
     cmap
-        Diverging colour map.
+        Diverging colour map of the two correlation panels.
+    difference
+        Draw the difference panel (predicted - measured). ``None`` (default): draw it in a new figure, and with
+        ``ax`` when 3 Axes are given (2 Axes: measured and predicted only, as before the panel existed).
+    difference_cmap
+        Diverging colour map of the difference panel, centred at 0, symmetric up to the largest absolute
+        difference (rounded up to a tenth); another map than ``cmap`` so that a difference is not read as a
+        correlation.
     {plot_output}
 
     Examples
@@ -103,6 +163,7 @@ def gene_correlation(
     >>> import st_from_he as sth
     >>> sth.pl.gene_correlation(sdata, genes="heg", sample="C6")  # doctest: +SKIP
     >>> sth.pl.gene_correlation(sdata, genes=["ERBB2", "GRB7", "KRT19", "CD74", "IGKC"], sample="C6")  # doctest: +SKIP
+    >>> sth.pl.gene_correlation(sdata, sample="C6", difference=False)  # measured and predicted only  # doctest: +SKIP
     """
     import matplotlib.pyplot as plt
     from matplotlib.colors import Normalize
@@ -113,7 +174,9 @@ def gene_correlation(
 
     function = "sth.pl.gene_correlation"
     check_data(data, function)
-    axes = given_axes(ax, 2, "gene_correlation (measured, predicted)")
+    if difference is not None and not isinstance(difference, bool | np.bool_):
+        raise TypeError(f"`difference` must be True, False or None, got {difference!r}.")
+    axes, with_difference = _axes_for(ax, difference)
     store, _ = _paired_tables(data, predicted, predicted_key, measured_key, function)
     res = _gene_correlation(
         store,
@@ -130,46 +193,53 @@ def gene_correlation(
     order = _cluster_order(measured.to_numpy()) if cluster else np.arange(len(measured))
     names = measured.index.to_numpy()[order]
     n = len(names)
+    n_panels = 3 if with_difference else 2
 
-    cell = min(0.16, 9.0 / n)  # inches per gene
+    cell = min(0.16, (9.0 if n_panels == 2 else 7.0) / n)  # inches per gene: three panels get a little less
     side = max(2.6, cell * n)
     fontsize = min(8.0, cell * 72 * 0.72)
     show_labels = fontsize >= 3.5
     label_room = (max(len(str(g)) for g in names) * fontsize * 0.62 / 72 + 0.15) if show_labels else 0.2
     own = axes is None
     if own:
-        fig = plt.figure(figsize=(2 * side + 2 * label_room + 1.0, side + label_room + 0.8), layout="constrained")
-        axes = fig.subplots(1, 2)
+        width = n_panels * (side + label_room) + 0.9 * (n_panels - 1) + 0.3  # + colour bars
+        fig = plt.figure(figsize=(width, side + label_room + 1.0), layout="constrained")
+        axes = fig.subplots(1, n_panels)
     else:
         fig = axes[0].figure
+    preservation, mean_abs_diff = res["preservation"], res["mean_abs_diff"]
+    scores = f"preservation r = {preservation:.2f}"
+    common = {"names": names, "fontsize": fontsize, "show_labels": show_labels}
     norm = Normalize(-1.0, 1.0)
-    im = None
-    for ax, matrix, title in ((axes[0], measured, "Measured"), (axes[1], predicted, "Predicted")):
-        values = matrix.to_numpy()[np.ix_(order, order)]
-        im = ax.imshow(values, cmap=cmap, norm=norm, interpolation="nearest", aspect="equal")
-        ax.set_title(title)
-        for side_ in ax.spines.values():
-            side_.set_visible(False)
-        if show_labels:
-            ticks = np.arange(n)
-            ax.set_xticks(ticks, names, rotation=90, fontsize=fontsize)
-            ax.set_yticks(ticks, names, fontsize=fontsize)
-            ax.tick_params(length=0, pad=1.5)
-        else:
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.set_xlabel(f"{n} genes")
-    fig.colorbar(im, ax=axes.tolist(), shrink=0.6, pad=0.02, label="Pearson r")
-    what = _SET_NAMES.get(res["gene_set"], "genes")
-    sample = None if res["sample"] == "spots" and not _names_sections(data) else res["sample"]
-    text = (
-        titled(sample, f"gene-gene correlation of {n} {what}")
-        + f"\npreservation r = {res['preservation']:.2f}, mean |difference| = {res['mean_abs_diff']:.2f}"
+    _draw_matrix(axes[0], measured.to_numpy()[np.ix_(order, order)], cmap=cmap, norm=norm, title="Measured", **common)
+    im = _draw_matrix(
+        axes[1],
+        predicted.to_numpy()[np.ix_(order, order)],
+        cmap=cmap,
+        norm=norm,
+        title="Predicted" if own else f"Predicted\n{scores}",  # a caller's figure keeps its own title
+        **common,
     )
+    fig.colorbar(im, ax=list(axes[:2]), shrink=0.6, pad=0.02, label="Pearson r")
+    if with_difference:
+        diff = (predicted.to_numpy() - measured.to_numpy())[np.ix_(order, order)]
+        limit = _symmetric_limit(diff)
+        im = _draw_matrix(
+            axes[2],
+            diff,
+            cmap=difference_cmap,
+            norm=Normalize(-limit, limit),
+            title=f"Predicted \u2212 measured\nmean |difference| = {mean_abs_diff:.2f}",
+            **common,
+        )
+        fig.colorbar(im, ax=axes[2], shrink=0.6, pad=0.02, label="difference of r")
     if own:
-        fig.suptitle(text)
-    else:  # the caller's figure keeps its title: the scores go above the predicted panel
-        axes[1].set_title(f"Predicted\npreservation r = {res['preservation']:.2f}")
+        what = _SET_NAMES.get(res["gene_set"], "genes")
+        sample = None if res["sample"] == "spots" and not _names_sections(data) else res["sample"]
+        fig.suptitle(
+            titled(sample, f"gene-gene correlation of {n} {what}")
+            + f"\n{scores}, mean |difference| = {mean_abs_diff:.2f}"
+        )
     return finish(fig, axes, show=show, save=save, return_fig=return_fig, own_figure=own)
 
 
