@@ -118,10 +118,10 @@ def gene_correlation(
     are ordered by hierarchical clustering (average linkage on ``1 - r``) of the measured matrix, so blocks of
     co-expressed genes line up; the measured and predicted panels share the colour scale from -1 to 1. A third
     panel shows predicted minus measured in the same gene order, on a diverging scale centred at 0 with its own
-    colour bar: orange where the prediction makes two genes more correlated than they are, purple where less. The
-    titles give the preservation score (Pearson r between the matrices' upper triangles) and the mean absolute
-    difference (mean of the third panel's upper triangle): a prediction can preserve the pattern (high r) while
-    exaggerating it (large difference).
+    colour bar (default map: orange where the prediction makes two genes more correlated than they are, purple
+    where less). The titles give the preservation score (Pearson r between the matrices' upper triangles) and the
+    mean absolute difference (mean of the third panel's upper triangle): a prediction can preserve the pattern
+    (high r) while exaggerating it (large difference).
 
     Parameters
     ----------
@@ -151,7 +151,7 @@ def gene_correlation(
         Diverging colour map of the two correlation panels.
     difference
         Draw the difference panel (predicted - measured). ``None`` (default): draw it in a new figure, and with
-        ``ax`` when 3 Axes are given (2 Axes: measured and predicted only, as before the panel existed).
+        ``ax`` when 3 Axes are given (2 Axes: measured and predicted only).
     difference_cmap
         Diverging colour map of the difference panel, centred at 0, symmetric up to the largest absolute
         difference (rounded up to a tenth); another map than ``cmap`` so that a difference is not read as a
