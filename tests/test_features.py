@@ -144,8 +144,12 @@ def test_neural_heads_train_on_embeddings(embedded, genes, neural):
     assert pred.shape == (40, len(genes)) and np.isfinite(pred.X).all()
     assert pred.obsm["X_he"].shape == (40, neural.config.proj_dim)
     assert np.unique(pred.X.round(5), axis=0).shape[0] == 40  # each spot its own prediction
-    expression, _ = neural.predict_features(test.tables["table"].obsm[TINY], groups=np.full(40, "C6"))
+    table = test.tables["table"]
+    expression, _ = neural.predict_features(table.obsm[TINY], groups=np.full(40, "C6"), positions=table.obsm["spatial"])
     np.testing.assert_allclose(expression, pred.X, atol=1e-5)
+    # the default preset smooths over grid neighbours: without positions, each spot's own prediction
+    unsmoothed, _ = neural.predict_features(table.obsm[TINY], groups=np.full(40, "C6"))
+    assert np.abs(unsmoothed - pred.X).max() > 1e-3
     assert x.shape == (70, 192)
 
 

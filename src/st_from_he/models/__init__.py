@@ -22,12 +22,16 @@ from ._losses import combine_losses, reconstruction_loss, soft_contrastive_loss
 from ._mim import MaskedImageModel, random_patch_mask
 from ._module import ExpressionModule
 from ._retrieval import retrieve
+from ._smoothing import smooth_neighbours
+from ._white_balance import GLASS_GREY, glass_colour, white_balance
 
 __all__ = [
     "FOUNDATION_ENCODERS",
+    "GLASS_GREY",
     "EncoderSpec",
     "FoundationEncoder",
     "efficientnet_lite_to_timm",
+    "glass_colour",
     "encoder_spec",
     "load_pretrained",
     "weights_file",
@@ -51,5 +55,7 @@ __all__ = [
     "reconstruction_loss",
     "random_patch_mask",
     "retrieve",
+    "smooth_neighbours",
     "soft_contrastive_loss",
+    "white_balance",
 ]

@@ -95,6 +95,11 @@ class ModelConfig:
         Radius in micrometres within which :mod:`st_from_he.tl` collects neighbours.
     max_neighbours
         Most neighbours per spot given to the neighbour attention.
+    neighbour_smoothing
+        At prediction, blend each spot's prediction with the mean of its grid neighbours' (within 1.5 pitches, same
+        section) with this weight (:func:`~st_from_he.models.smooth_neighbours`); ``0`` off (reference), ``0.5`` in
+        the default preset. Image information only; needs the spots' positions, which
+        :func:`~st_from_he.tl.predict_expression` has.
     regression_head
         Add a direct regression head on the image embedding trained with MSE (extension, default off).
     regression_hidden
@@ -179,6 +184,7 @@ class ModelConfig:
     neighbour_attention: bool = False
     neighbour_radius_um: float = 150.0
     max_neighbours: int = 8
+    neighbour_smoothing: float = 0.0
     regression_head: bool = False
     regression_hidden: int | None = None
     regression_weight: float = 1.0
@@ -230,6 +236,9 @@ class ModelConfig:
             raise ValueError(f"`context_scales` must be positive and non-empty, got {self.context_scales}.")
         if self.proj_dim % self.n_heads:
             raise ValueError(f"`proj_dim` ({self.proj_dim}) must be divisible by `n_heads` ({self.n_heads}).")
+        if isinstance(self.neighbour_smoothing, bool) or not 0 <= self.neighbour_smoothing <= 1:
+            raise ValueError(f"`neighbour_smoothing` must be a weight in [0, 1], got {self.neighbour_smoothing!r}.")
+        self.neighbour_smoothing = float(self.neighbour_smoothing)
         if not 0 <= self.mask_ratio < 1:
             raise ValueError(f"`mask_ratio` must be in [0, 1), got {self.mask_ratio}.")
         if self.features is not None:

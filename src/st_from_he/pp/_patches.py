@@ -315,6 +315,18 @@ class _Section:
                 best = i
         return best
 
+    def glass(self) -> np.ndarray:
+        """The slide's glass colour (RGB), read from its coarsest level at least 512 px on each side."""
+        from st_from_he.models._white_balance import glass_colour
+
+        sides = [min(level.shape[1:]) for level in self.levels]
+        level = max([i for i, side in enumerate(sides) if side >= 512] or [0])
+        if self.materialise(level):
+            image = DECODED.get([self.levels[level]])[0]
+        else:  # a large tiled level: every 8th pixel is plenty for a median
+            image = np.asarray(self.levels[level][:, ::8, ::8].compute())
+        return glass_colour(image)
+
     def materialise(self, level: int) -> bool:
         level_array = self.levels[level]
         return self.monolithic or level_array.nbytes <= _SMALL_LEVEL_BYTES
@@ -391,6 +403,7 @@ class PatchDataset:
         }
         self._sections = sections
         self._rows = {s: np.flatnonzero(self.samples == s) for s in sections}
+        self._glass: dict[str, np.ndarray] = {}
         for s, sec in sections.items():
             coarser = self.pixel_size_um[s] > self.size_um / self.size_px * 1.01
             logger.debug(
@@ -439,6 +452,26 @@ class PatchDataset:
         if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
             raise IndexError(f"Indices out of range for {len(self)} patches.")
         return self._patches(idx % len(self) if len(self) else idx)
+
+    @property
+    def glass(self) -> dict[str, np.ndarray]:
+        """The colour of empty glass on each section's slide (RGB, float), by sample id.
+
+        Estimated once per section from a coarse level of its image (:func:`~st_from_he.models.glass_colour`); the
+        default model's ridge probe white-balances patches with it (:func:`~st_from_he.models.white_balance`).
+        """
+        for sample, section in self._sections.items():
+            if sample not in self._glass:
+                self._glass[sample] = section.glass()
+        return dict(self._glass)
+
+    def glass_per_spot(self) -> np.ndarray:
+        """The glass colour of each item's slide, ``(n, 3)`` (see :attr:`glass`)."""
+        glass = self.glass
+        out = np.empty((len(self), 3))
+        for sample, rows in self._rows.items():
+            out[rows] = glass[sample]
+        return out
 
     def to_numpy(self) -> np.ndarray:
         """All patches as one array ``(n, *item_shape)`` (for data that fit in memory)."""

@@ -51,12 +51,17 @@ class RidgeProbe:
     seed
         Seed of the blur factors and of a random-init encoder.
     per_section
-        Standardise the features of each section (each group of :meth:`fit` and :meth:`predict_features`) with that
-        section's own mean and standard deviation before the ridge, and fit each gene's expression z-scored within
-        its training section. A spot's prediction then depends on the other spots of its section given in the same
+        ``"zscore"`` (or ``True``): standardise the features of each section (each group of :meth:`fit` and
+        :meth:`predict_features`) with that section's own mean and standard deviation before the ridge, and fit each
+        gene's expression z-scored within its training section. ``"centre"``: subtract each section's own feature
+        mean but divide by the standard deviation pooled over the training spots (the expression is z-scored within
+        sections as with ``"zscore"``). ``False``: the features and expression as they are. A spot's prediction then depends on the other spots of its section given in the same
         call (their feature statistics), never on the batching or the order of the spots. Per-gene correlations within a section are blind to section-wide shifts: this removes
         the ones that stain, scanner and resolution put into the features, and weighs every training section
-        equally for every gene. Sections to predict with fewer than :data:`MIN_SECTION_SPOTS` spots (training
+        equally for every gene. Z-scoring also assumes every section holds the same mix of tissue: true of serial
+        sections of one patient, false across patients (a fatty section's wider spread of features is squeezed onto
+        a tumour-dense one's), which centring keeps (cross-patient HVG PCC 0.07 z-scored, 0.11 centred, the same
+        within a patient). Sections to predict with fewer than :data:`MIN_SECTION_SPOTS` spots (training
         sections: fewer than :data:`MIN_TRAINING_SECTION_SPOTS`) fall back to the statistics pooled over the
         training spots; the expression is standardised only if every training section has
         :data:`MIN_SECTION_SPOTS` spots (with fewer, the noisy per-section scales cost more than they give:
@@ -65,6 +70,11 @@ class RidgeProbe:
         If given, project the fitted coefficients onto the ``rank`` leading principal axes of the training
         expression (reduced-rank ridge): each gene's prediction borrows strength from the genes it co-varies with,
         which denoises the genes a thousand spots cannot fit on their own.
+    white_balance
+        Hand-crafted features only: scale each patch's channels so that the glass of its slide comes out at one grey
+        (:func:`~st_from_he.models.white_balance`) before the features are read; :meth:`fit` and :meth:`featurize`
+        then need each patch's ``glass`` colour (:attr:`~st_from_he.pp.PatchDataset.glass`). Removes the scanner's
+        colour cast, which the features would otherwise read as tissue.
     """
 
     def __init__(
@@ -77,8 +87,9 @@ class RidgeProbe:
         encoder_kwargs: dict | None = None,
         lowres: float = 0.0,
         seed: int = 0,
-        per_section: bool = False,
+        per_section: bool | str = False,
         rank: int | None = None,
+        white_balance: bool = False,
     ):
         if not is_feature_set(features):
             raise ValueError(
@@ -89,6 +100,8 @@ class RidgeProbe:
             raise ValueError(
                 "`lowres` blurs image patches; it does not apply to cached embeddings (`features='X_...'`)."
             )
+        if white_balance and features not in ("handcrafted", "handcrafted+blobs"):
+            raise ValueError(f"`white_balance` applies to hand-crafted features, not to {features!r}.")
         if rank is not None and rank < 1:
             raise ValueError(f"`rank` must be a positive number of principal axes or None, got {rank}.")
         self.features = features
@@ -98,22 +111,29 @@ class RidgeProbe:
         self.encoder_kwargs = dict(encoder_kwargs or {})
         self.lowres = lowres
         self.seed = seed
-        self.per_section = per_section
+        self.per_section = section_mode(per_section)
         self.rank = rank
+        self.white_balance = bool(white_balance)
         self.state: dict[str, np.ndarray] = {}
         self._encoder_module = None
 
-    def _features(self, patches: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        # every feature of a spot is computed from its own patch alone: batching never changes it
+    def _features(self, patches: np.ndarray, glass=None, batch_size: int = 64) -> np.ndarray:
+        # every feature of a spot is computed from its own patch (and its slide's glass): batching never changes it
         if self.features in ("handcrafted", "handcrafted+blobs"):
+            from st_from_he.models import white_balance
             from st_from_he.models._handcrafted import handcrafted_features, stain_blob_features
 
-            def features(batch):
+            glass = self._check_glass(glass, len(patches))
+
+            def features(i):
+                batch = patches[i : i + batch_size]
+                if glass is not None:
+                    batch = white_balance(batch, glass[i : i + batch_size])
                 if self.features == "handcrafted":
                     return handcrafted_features(batch)
                 return np.concatenate([handcrafted_features(batch), stain_blob_features(batch)], axis=1)
 
-            return np.concatenate([features(patches[i : i + batch_size]) for i in range(0, len(patches), batch_size)])
+            return np.concatenate([features(i) for i in range(0, len(patches), batch_size)])
         if self.features == "encoder":
             return self._encoder_features(patches, batch_size)
         if is_embedding_key(self.features):  # the "patches" are the spots' embedding vectors
@@ -124,6 +144,23 @@ class RidgeProbe:
                 )
             return x
         return np.zeros((len(patches), 0), dtype=np.float32)
+
+    def _check_glass(self, glass, n: int) -> np.ndarray | None:
+        """Each patch's glass colour ``(n, 3)`` when the probe white-balances, else ``None``."""
+        if not self.white_balance:
+            return None
+        if glass is None:
+            raise ValueError(
+                "This ridge probe white-balances each slide before reading its features, so it needs the glass "
+                "colour of each patch's slide (`glass`): cut the patches with `sth.pp.extract_patches` and pass its "
+                "PatchDataset (which knows each slide's glass), or `glass=patches.glass_per_spot()`."
+            )
+        glass = np.asarray(glass, dtype=np.float64)
+        if glass.shape == (3,):
+            glass = np.tile(glass, (n, 1))
+        if glass.shape != (n, 3):
+            raise ValueError(f"`glass` must be one RGB colour (3,) or one per patch ({n}, 3), got {glass.shape}.")
+        return glass
 
     def _encoder_features(self, patches: np.ndarray, batch_size: int) -> np.ndarray:
         import torch
@@ -197,21 +234,23 @@ class RidgeProbe:
             raise ValueError("This ridge probe does not record its encoder's input size; pass `img_size`.")
         self._encoder_module = self._build_encoder(int(self.state.get("img_size", self.img_size or 0)))
 
-    def fit(self, patches: np.ndarray, targets: np.ndarray, groups=None) -> RidgeProbe:
+    def fit(self, patches: np.ndarray, targets: np.ndarray, groups=None, glass=None) -> RidgeProbe:
         """Fit on uint8 patches ``(n, [s,] 3, h, w)`` and log-normalised targets ``(n, genes)``.
 
         ``groups`` (length ``n``, e.g. the sample of each spot) names the section of each spot, for ``per_section``;
-        ``None``: one section.
+        ``None``: one section. ``glass``: the glass colour of each patch's slide ``(n, 3)``, for ``white_balance``.
         """
         from sklearn.linear_model import RidgeCV
 
         targets = np.asarray(targets, dtype=np.float64)
         groups = _groups(groups, len(targets))
         self.state, self._encoder_module = {}, None  # a refit builds its encoder afresh from the seed
-        x = self._features(patches)
+        glass = self._check_glass(glass, len(targets))
+        x = self._features(patches, glass)
         state: dict[str, np.ndarray] = {
             "features": np.array(self.features or ""),
-            "per_section": np.array(self.per_section),
+            "per_section": np.array(self.per_section or ""),
+            "white_balance": np.array(self.white_balance),
             "target_mean": targets.mean(0).astype(np.float32),
             "seed": np.array(self.seed),
         }
@@ -227,7 +266,7 @@ class RidgeProbe:
         scale = np.ones(targets.shape[1])
         if self.per_section:
             state |= {"pooled_mean": x.mean(0), "pooled_std": x.std(0) + 1e-6}
-            x = _standardise_sections(x, groups, MIN_TRAINING_SECTION_SPOTS, state["pooled_mean"], state["pooled_std"])
+            x = self._standardise(x, groups, MIN_TRAINING_SECTION_SPOTS, state)
             if min(np.unique(groups, return_counts=True)[1]) >= MIN_SECTION_SPOTS:
                 # the probe learns each section's z-scores; predictions go back on the typical within-section scale
                 # (every section is large enough here, so the pooled statistics are never used)
@@ -244,11 +283,9 @@ class RidgeProbe:
         if self.rank is not None and self.rank < min(targets.shape):
             axes = np.linalg.svd(targets - targets.mean(0), full_matrices=False)[2][: self.rank]
         if self.lowres > 1:
-            blurred = self._blurred_features(patches)
+            blurred = self._blurred_features(patches, glass)
             if self.per_section:
-                blurred = _standardise_sections(
-                    blurred, groups, MIN_TRAINING_SECTION_SPOTS, state["pooled_mean"], state["pooled_std"]
-                )
+                blurred = self._standardise(blurred, groups, MIN_TRAINING_SECTION_SPOTS, state)
             x = np.concatenate([x, blurred])
             targets = np.concatenate([targets, targets])
         mean = targets.mean(0)
@@ -264,7 +301,12 @@ class RidgeProbe:
         self.state = state
         return self
 
-    def _blurred_features(self, patches: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    def _standardise(self, x: np.ndarray, groups: np.ndarray, min_spots: int, state) -> np.ndarray:
+        """Features standardised within each section as :attr:`per_section` says (z-scored or centred)."""
+        pooled = state["pooled_mean"], state["pooled_std"]
+        return _standardise_sections(x, groups, min_spots, *pooled, centre_only=self.per_section == "centre")
+
+    def _blurred_features(self, patches: np.ndarray, glass=None, batch_size: int = 256) -> np.ndarray:
         """Features of uint8 patches ``(n, [s,] 3, h, w)``, each blurred by a factor log-uniform in ``[1, lowres]``.
 
         Batch by batch, so that no blurred copy of all the patches is held in memory.
@@ -281,12 +323,16 @@ class RidgeProbe:
             y = lower_resolution(
                 x.reshape(len(x), -1, *shape[-3:]), torch.from_numpy(factors[i : i + batch_size]).float()
             )
-            features.append(self._features(y.reshape(shape).round().clamp(0, 255).to(torch.uint8).numpy()))
+            blurred = y.reshape(shape).round().clamp(0, 255).to(torch.uint8).numpy()
+            features.append(self._features(blurred, None if glass is None else glass[i : i + batch_size]))
         return np.concatenate(features)
 
-    def featurize(self, patches: np.ndarray) -> np.ndarray:
-        """The probe's raw features of uint8 patches ``(n, [s,] 3, h, w)``, for :meth:`predict_features`."""
-        return self._features(patches)
+    def featurize(self, patches: np.ndarray, glass=None) -> np.ndarray:
+        """The probe's raw features of uint8 patches ``(n, [s,] 3, h, w)``, for :meth:`predict_features`.
+
+        ``glass``: the glass colour of each patch's slide ``(n, 3)`` (or one ``(3,)``), for ``white_balance``.
+        """
+        return self._features(patches, glass)
 
     def predict_features(
         self, features: np.ndarray, groups=None, *, min_section_spots: int = MIN_SECTION_SPOTS
@@ -306,9 +352,8 @@ class RidgeProbe:
                 )
             return np.tile(mean, (len(features), 1)), np.zeros((len(features), 0), dtype=np.float32)
         x = np.asarray(features, dtype=np.float64)
-        if bool(self.state.get("per_section", False)):
-            pooled = self.state["pooled_mean"], self.state["pooled_std"]
-            x = _standardise_sections(x, _groups(groups, len(x)), min_section_spots, *pooled)
+        if self.per_section:
+            x = self._standardise(x, _groups(groups, len(x)), min_section_spots, self.state)
         x = (x - self.state["feature_mean"]) / self.state["feature_std"]
         return (x @ self.state["coef"] + mean).astype(np.float32), x.astype(np.float32)
 
@@ -324,7 +369,8 @@ class RidgeProbe:
         """
         self.state = {k: np.asarray(v) for k, v in state.items()}
         self._encoder_module = None
-        self.per_section = bool(self.state.get("per_section", False))
+        self.per_section = section_mode(self.state.get("per_section", False))
+        self.white_balance = bool(self.state.get("white_balance", False))
         if "features" in self.state:  # probes saved before the feature set was recorded keep the constructor's
             self.features = str(self.state["features"]) or None
         if "seed" in self.state:
@@ -366,6 +412,23 @@ def is_feature_set(features) -> bool:
     return (features is None or isinstance(features, str)) and (features in FEATURE_SETS or is_embedding_key(features))
 
 
+def section_mode(per_section) -> str | bool:
+    """``per_section`` as ``"zscore"``, ``"centre"`` or ``False`` (``True`` and saved states' ``"True"`` mean z-scoring)."""
+    if isinstance(per_section, np.ndarray):
+        per_section = per_section.item()
+    if isinstance(per_section, bool | np.bool_):
+        return "zscore" if per_section else False
+    if not isinstance(per_section, str):
+        raise TypeError(f"`per_section` must be 'zscore' (or True), 'centre' or False, got {per_section!r}.")
+    if per_section in ("True", "zscore"):
+        return "zscore"
+    if per_section in ("False", ""):
+        return False
+    if per_section == "centre":
+        return "centre"
+    raise ValueError(f"`per_section` must be 'zscore' (or True), 'centre' or False, got {per_section!r}.")
+
+
 def _fingerprint(encoder) -> str:
     """The fingerprint of an :class:`~st_from_he.models.ImageEncoder` or of a foundation encoder's backbone."""
     return getattr(encoder, "backbone", encoder).fingerprint()
@@ -390,12 +453,14 @@ def _standardise_sections(
     *,
     eps: float = 1e-6,
     scales: bool = False,
+    centre_only: bool = False,
 ):
     """Columns of ``x`` z-scored within each group of spots (section).
 
     Groups under ``min_spots`` spots are standardised with ``pooled_mean`` and ``pooled_std``; ``eps`` is added to
-    each group's standard deviation. With ``scales``, also return the spot-weighted mean of the standard deviations
-    used (the typical within-section scale of each column).
+    each group's standard deviation. With ``centre_only``, every group is centred on its own mean but divided by
+    ``pooled_std``. With ``scales``, also return the spot-weighted mean of the standard deviations used (the typical
+    within-section scale of each column).
     """
     out = np.empty_like(x, dtype=np.float64)
     scale = np.zeros(x.shape[1])
@@ -405,7 +470,7 @@ def _standardise_sections(
         if rows.sum() >= min_spots:
             # statistics of the sorted columns: the same to the last bit whatever the order of the spots
             block = np.sort(x[rows], axis=0)
-            mean, std = block.mean(0), block.std(0) + eps
+            mean, std = block.mean(0), (pooled_std if centre_only else block.std(0) + eps)
         else:
             small.append(str(group))
             mean, std = pooled_mean, pooled_std

@@ -20,6 +20,7 @@ class SpotArrays:
     patches: np.ndarray  # uint8 (n, s, 3, h, w)
     obs: pd.DataFrame  # obs of the spots (index: obs_names), with a "sample" column
     targets: np.ndarray  # float32 (n, genes) log1p CP10k
+    glass: np.ndarray | None = None  # (n, 3) glass colour of each spot's slide, for white balance (patches only)
 
     @property
     def sections(self) -> np.ndarray:
@@ -28,7 +29,8 @@ class SpotArrays:
 
     def subset(self, idx: np.ndarray) -> SpotArrays:
         """The spots at positions ``idx``."""
-        return SpotArrays(self.patches[idx], self.obs.iloc[idx], self.targets[idx])
+        glass = None if self.glass is None else self.glass[idx]
+        return SpotArrays(self.patches[idx], self.obs.iloc[idx], self.targets[idx], glass)
 
 
 def as_list(sdata) -> list:
@@ -113,13 +115,15 @@ def spot_arrays(
         patches = patches[:, None]
     table = sdata.tables[table_key]
     targets = measured_targets(table, genes, fill_missing_genes=fill_missing_genes, where=f" {table_key!r}")[idx]
-    return SpotArrays(patches, obs.iloc[idx], targets)
+    return SpotArrays(patches, obs.iloc[idx], targets, dataset.glass_per_spot()[idx])
 
 
 def concat_arrays(parts: list[SpotArrays]) -> SpotArrays:
     """Row-wise concatenation of several SpotArrays."""
+    glass = None if any(p.glass is None for p in parts) else np.concatenate([p.glass for p in parts])
     return SpotArrays(
         np.concatenate([p.patches for p in parts]),
         pd.concat([p.obs for p in parts]),
         np.concatenate([p.targets for p in parts]),
+        glass,
     )

@@ -17,7 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from st_from_he._logging import logger, timed
-from st_from_he._sdata import TABLE_KEY
+from st_from_he._sdata import SPATIAL_KEY, TABLE_KEY
 from st_from_he._settings import settings
 
 from ._baselines import MIN_SECTION_SPOTS, MIN_TRAINING_SECTION_SPOTS, is_embedding_key
@@ -41,11 +41,14 @@ _RIDGE_OPTIONS = frozenset(
         "lowres",
         "per_section",
         "rank",
+        "white_balance",
+        "neighbour_smoothing",
     }
 )
-# The default preset's ridge probe: hand-crafted and blob features, standardised per section, reduced-rank (30 axes:
-# 20 to 50 measure the same on the benchmark, 5 is too few).
-_BLEND_PROBE = {"features": "handcrafted+blobs", "per_section": True, "rank": 30}
+# The default preset's ridge probe: hand-crafted and blob features of white-balanced patches, centred per section
+# (z-scoring per section squeezes a new patient's different tissue mix: cross-patient HVG PCC 0.07 against 0.11),
+# reduced-rank (30 axes: 20 to 50 measure the same on the benchmark, 5 is too few).
+_BLEND_PROBE = {"features": "handcrafted+blobs", "per_section": "centre", "rank": 30, "white_balance": True}
 _RIDGE_PREFIX = "ridge_"  # arrays of a neural model's ridge probe, beside its retrieval bank
 _GENES_KEY = "model_genes"  # the genes, also in arrays.npz: a model.json whose genes were edited is refused
 
@@ -187,6 +190,13 @@ class ExpressionModel:
         """The ``obsm`` key of the cached embeddings the model is trained on (``"X_<name>"``), else ``None``."""
         features = self.config.features if self.is_neural else self.config["features"]
         return features if is_embedding_key(features) else None
+
+    @property
+    def neighbour_smoothing(self) -> float:
+        """Weight of the neighbours' mean in each prediction (see :meth:`predict_patches`); 0: no smoothing."""
+        if self.is_neural:
+            return self.config.neighbour_smoothing
+        return float(self.config.get("neighbour_smoothing", 0.0))
 
     @property
     def is_fitted(self) -> bool:
@@ -417,8 +427,9 @@ class ExpressionModel:
                     seed=seed,
                     per_section=self.config.get("per_section", False),
                     rank=self.config.get("rank"),
+                    white_balance=self.config.get("white_balance", False),
                 )
-                self._probe.fit(data.patches, data.targets, groups=data.sections)
+                self._probe.fit(data.patches, data.targets, groups=data.sections, glass=data.glass)
             return self
         self._fit_neural(
             data,
@@ -496,11 +507,14 @@ class ExpressionModel:
         if self.blend_ridge:
             from ._baselines import RidgeProbe
 
-            probe = _BLEND_PROBE | ({"features": self.features} if self.features is not None else {})
+            probe = _BLEND_PROBE | ({"features": self.features, "white_balance": False} if self.features else {})
             lowres = self.config.augment_lowres if self.features is None else 0.0  # embeddings cannot be blurred
             with timed(f"Fitting the {probe['features']!r} ridge probe on {len(train_idx)} spots"):
                 self._probe = RidgeProbe(lowres=lowres, seed=seed, **probe)
-                self._probe.fit(data.patches[train_idx], data.targets[train_idx], groups=data.sections[train_idx])
+                glass = None if data.glass is None else data.glass[train_idx]
+                self._probe.fit(
+                    data.patches[train_idx], data.targets[train_idx], groups=data.sections[train_idx], glass=glass
+                )
         self.blend = self._choose_blend(data, val_idx)
         self._bank = bank  # predictions retrieve from every measured spot
 
@@ -529,6 +543,7 @@ class ExpressionModel:
         parts, _ = self._predict_parts(
             data.patches,
             groups=data.sections,
+            glass=data.glass,
             min_section_spots=MIN_TRAINING_SECTION_SPOTS,
             device="cpu",
             progress_bar=False,
@@ -568,6 +583,7 @@ class ExpressionModel:
         patches,
         *,
         groups=None,
+        glass=None,
         min_section_spots: int = MIN_SECTION_SPOTS,
         device: str,
         batch_size: int = 64,
@@ -592,7 +608,7 @@ class ExpressionModel:
             for start in tqdm(starts, disable=not progress_bar, desc="Predicting", unit="batch"):
                 batch = self._stack(patches, start, min(start + batch_size, len(patches)))
                 if self._probe is not None:
-                    ridge.append(self._probe.featurize(batch))
+                    ridge.append(self._probe.featurize(batch, _rows(glass, start, len(batch))))
                 x = torch.from_numpy(batch).to(device)
                 if self.features is None:  # embeddings are standardised by the module itself
                     x = normalise_images(x, self.config.image_mean, self.config.image_std)
@@ -618,6 +634,8 @@ class ExpressionModel:
         patches,
         *,
         groups=None,
+        glass=None,
+        positions=None,
         device: str | None = None,
         batch_size: int = 64,
         progress_bar: bool | None = None,
@@ -627,15 +645,23 @@ class ExpressionModel:
         Parameters
         ----------
         patches
-            Indexable uint8 patches, item ``(s, 3, h, w)`` or ``(3, h, w)``, e.g. from
-            :func:`st_from_he.pp.extract_patches` with this model's ``size_um``, ``size_px`` and ``context``.
+            Indexable uint8 patches, item ``(s, 3, h, w)`` or ``(3, h, w)``, e.g. the
+            :class:`~st_from_he.pp.PatchDataset` of :func:`st_from_he.pp.extract_patches` with this model's
+            ``size_um``, ``size_px`` and ``context`` (which also gives ``groups``, ``glass`` and ``positions``).
         groups
-            Section (sample) of each patch, e.g. ``patches.samples``; ``None``: all patches come from one section.
-            The default preset's ridge probe (and any ``per_section=True`` ridge) standardises its features within
-            each section, with the mean and standard deviation of that section's patches in this call, so pass whole
-            sections (at least 30 spots each; smaller groups fall back to the training statistics). Every other
-            part of a prediction depends on the spot's own patch only; ``batch_size`` and the order of the patches
-            never change a prediction.
+            Section (sample) of each patch; ``None``: a PatchDataset's ``samples``, else all patches come from one
+            section. The default preset's ridge probe (and any ridge with ``per_section``) standardises its features
+            within each section, with the mean (and standard deviation) of that section's patches in this call, so
+            pass whole sections (at least 30 spots each; smaller groups fall back to the training statistics), and
+            smoothing never crosses sections. Every other part of a prediction depends on the spot's own patch only;
+            ``batch_size`` and the order of the patches never change a prediction.
+        glass
+            Glass colour of each patch's slide ``(n, 3)`` (or one ``(3,)``), for models that white-balance
+            (the default preset's ridge probe); ``None``: a PatchDataset's :meth:`~st_from_he.pp.PatchDataset.glass_per_spot`.
+        positions
+            Spot centres ``(n, 2)`` (any unit; the same within a section), for models that smooth their predictions
+            over neighbouring spots (``neighbour_smoothing``, the default preset's); ``None``: a PatchDataset's
+            ``spatial``, else no smoothing.
         device
             Torch device; ``"auto"`` picks a GPU when available; ``None`` uses :attr:`device`.
         batch_size
@@ -654,13 +680,29 @@ class ExpressionModel:
                 f"`sth.tl.embed` on the sections, then `sth.tl.predict_expression(sdata, model)` (or pass the "
                 f"embedding vectors to `model.predict_features`)."
             )
-        return self._predict(patches, groups, device=device, batch_size=batch_size, progress_bar=progress_bar)
+        from st_from_he.pp import PatchDataset
+
+        if isinstance(patches, PatchDataset):
+            groups = patches.samples if groups is None else groups
+            positions = patches.spatial if positions is None else positions
+            if glass is None and self._probe is not None and self._probe.white_balance:
+                glass = patches.glass_per_spot()
+        return self._predict(
+            patches,
+            groups,
+            glass=glass,
+            positions=positions,
+            device=device,
+            batch_size=batch_size,
+            progress_bar=progress_bar,
+        )
 
     def predict_features(
         self,
         features: np.ndarray,
         *,
         groups=None,
+        positions=None,
         device: str | None = None,
         batch_size: int = 256,
         progress_bar: bool | None = None,
@@ -679,6 +721,9 @@ class ExpressionModel:
         groups
             Section (sample) of each spot, for ridge probes standardised per section (see :meth:`predict_patches`);
             ``None``: one section.
+        positions
+            Spot centres ``(n, 2)``, for models that smooth over neighbouring spots (see :meth:`predict_patches`);
+            ``None``: no smoothing.
         device, batch_size, progress_bar
             As for :meth:`predict_patches`.
 
@@ -703,7 +748,9 @@ class ExpressionModel:
                 f"`features` must be numeric embeddings (spots, {dim}) of {self.features!r}, got an array of shape "
                 f"{features.shape} ({features.dtype})."
             )
-        return self._predict(features, groups, device=device, batch_size=batch_size, progress_bar=progress_bar)
+        return self._predict(
+            features, groups, positions=positions, device=device, batch_size=batch_size, progress_bar=progress_bar
+        )
 
     def _feature_dim(self) -> int:
         """Dimension of the embeddings a model on cached embeddings takes."""
@@ -780,9 +827,10 @@ class ExpressionModel:
         table = sdata.tables[table_key]
         features = self.check_embeddings(table, table_key=table_key)
         groups = spot_sections(table, table_key=table_key)
-        return self.predict_features(features, groups=kwargs.pop("groups", groups), **kwargs)
+        positions = table.obsm.get(SPATIAL_KEY) if self.neighbour_smoothing else None
+        return self.predict_features(features, groups=kwargs.pop("groups", groups), positions=positions, **kwargs)
 
-    def _predict(self, inputs, groups, *, device, batch_size, progress_bar):
+    def _predict(self, inputs, groups, *, glass=None, positions=None, device, batch_size, progress_bar):
         """Predictions of patches or embedding vectors (``inputs``), whichever the model takes."""
         patches = inputs
         batch_size = _check_int(batch_size, "batch_size", 1, "patches per forward pass, e.g. 64")
@@ -795,17 +843,31 @@ class ExpressionModel:
         progress_bar = settings.progress_bar if progress_bar is None else progress_bar
         if not len(patches):
             raise ValueError("`patches` is empty: there is nothing to predict.")
+        if glass is not None:  # one colour for all, or one per patch
+            glass = np.asarray(glass, dtype=np.float64)
+            glass = np.tile(glass, (len(patches), 1)) if glass.shape == (3,) else glass
+            if glass.shape != (len(patches), 3):
+                raise ValueError(
+                    f"`glass` must be one RGB colour (3,) or one per patch ({len(patches)}, 3), got {glass.shape}."
+                )
         if not self.is_neural:
             features = [
-                self._probe.featurize(self._stack(patches, i, min(i + batch_size, len(patches))))
+                self._probe.featurize(
+                    self._stack(patches, i, min(i + batch_size, len(patches))), _rows(glass, i, batch_size)
+                )
                 for i in tqdm(range(0, len(patches), batch_size), disable=not progress_bar, desc="Predicting")
             ]
-            return self._probe.predict_features(np.concatenate(features), groups)
-        parts, embeddings = self._predict_parts(
-            patches, groups=groups, device=device, batch_size=batch_size, progress_bar=progress_bar
-        )
-        expression = sum(self.blend[name] * parts[name] for name in parts)
-        return expression.astype(np.float32), embeddings
+            expression, embeddings = self._probe.predict_features(np.concatenate(features), groups)
+        else:
+            parts, embeddings = self._predict_parts(
+                patches, groups=groups, glass=glass, device=device, batch_size=batch_size, progress_bar=progress_bar
+            )
+            expression = sum(self.blend[name] * parts[name] for name in parts).astype(np.float32)
+        if self.neighbour_smoothing and positions is not None:
+            from st_from_he.models import smooth_neighbours
+
+            expression = smooth_neighbours(expression, positions, groups, weight=self.neighbour_smoothing)
+        return expression, embeddings
 
     def _stack(self, patches, start: int, stop: int) -> np.ndarray:
         """Patches ``start:stop`` as one uint8 array ``(b, s, 3, h, w)``, checked against the model's geometry."""
@@ -1109,6 +1171,11 @@ def informative_genes(targets: np.ndarray, n: int = BLEND_GENES) -> np.ndarray:
     return np.union1d(*(np.asarray(_top_genes(targets, columns, n, by=by), dtype=int) for by in ("var", "mean")))
 
 
+def _rows(values, start: int, n: int):
+    """Rows ``start:start + n`` of ``values`` (e.g. each patch's glass colour), or ``None`` when there are none."""
+    return None if values is None else np.asarray(values)[start : start + n]
+
+
 def _centre_groups(x: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """``x`` (spots, genes) minus the mean of its group (section) of spots."""
     out = np.asarray(x, dtype=np.float64).copy()
@@ -1183,7 +1250,7 @@ def _blend_weights(blend, model: ExpressionModel) -> dict[str, float] | None:
 
 def _check_ridge_options(config: dict[str, Any]) -> None:
     """Raise naming the option if a ridge preset's options are out of range (before any patch is cut)."""
-    from ._baselines import FEATURE_SETS, is_feature_set
+    from ._baselines import FEATURE_SETS, is_feature_set, section_mode
 
     _check_int(config["img_size"], "img_size", 8, "the patch side in pixels, e.g. 112")
     scales = config["context_scales"]
@@ -1204,8 +1271,16 @@ def _check_ridge_options(config: dict[str, Any]) -> None:
         raise ValueError(f"`lowres` must be a blur factor >= 0 (e.g. 4; 0 or 1: off), got {lowres!r}.")
     if is_embedding_key(config["features"]) and lowres > 1:
         raise ValueError("`lowres` blurs image patches; it does not apply to cached embeddings (`features='X_...'`).")
-    if not isinstance(config.get("per_section", False), bool | np.bool_):
-        raise TypeError(f"`per_section` must be True or False, got {config['per_section']!r}.")
+    section_mode(config.get("per_section", False))  # raises naming the choices
+    if not isinstance(config.get("white_balance", False), bool | np.bool_):
+        raise TypeError(f"`white_balance` must be True or False, got {config['white_balance']!r}.")
+    if config.get("white_balance") and config["features"] not in ("handcrafted", "handcrafted+blobs"):
+        raise ValueError(f"`white_balance` applies to hand-crafted features, not to {config['features']!r}.")
+    smoothing = config.get("neighbour_smoothing", 0.0)
+    if isinstance(smoothing, bool) or not isinstance(smoothing, int | float | np.integer | np.floating):
+        raise TypeError(f"`neighbour_smoothing` must be a weight in [0, 1], got {smoothing!r}.")
+    if not 0 <= smoothing <= 1:
+        raise ValueError(f"`neighbour_smoothing` must be a weight in [0, 1], got {smoothing!r}.")
 
 
 def _check_genes(genes) -> list[str]:
