@@ -61,8 +61,9 @@ class ExpressionModel:
     - ``"default"``: a small CNN over the spot patch and a 3x context patch, trained with the soft-target
       contrastive loss, masked cross-modal reconstruction and a regression head, with colour, stain, zoom and blur
       (lower resolution) augmentation; predictions blend retrieval, regression and a ridge probe on hand-crafted
-      features (standardised within each section, also fitted on blurred patches) with weights chosen on validation
-      spots (their informative genes, correlated within each section).
+      features (of patches white-balanced by their slide's glass colour, centred within each section, also fitted
+      on blurred patches) with weights chosen on validation spots (their informative genes, correlated within each
+      section), and are smoothed over each spot's grid neighbours (``neighbour_smoothing=0.5``).
     - ``"cmrc"``: the faithful reference method (ViT tokens, soft-target contrastive loss with tau = 1, masked
       cross-modal reconstruction, ``log(1 + L)`` losses, AdamW 1e-4 / 1e-3, cosine schedule, flips and 90-degree
       rotations, retrieval of the top 50 training spots).
@@ -80,10 +81,11 @@ class ExpressionModel:
     checked; a mismatch is refused).
 
     A spot's prediction depends on its own patches only, never on the batch size or the order of the spots, with
-    one documented exception: ridge probes standardised per section (the default preset's, or ``per_section=True``)
-    standardise the image features of each section with the mean and standard deviation of that section's spots
-    predicted in the same call (at least 30 of them; fewer fall back to the training statistics). Predict whole
-    sections at once to get each section's own statistics.
+    documented exceptions: ridge probes standardised per section (the default preset's, or ``per_section``)
+    centre (or z-score) the image features of each section with the statistics of that section's spots predicted
+    in the same call (at least 30 of them; fewer fall back to the training statistics); white balance uses the
+    glass colour of the spot's whole slide; and ``neighbour_smoothing`` blends in the predictions of the spot's grid
+    neighbours. Predict whole sections at once.
 
     Parameters
     ----------
@@ -106,7 +108,10 @@ class ExpressionModel:
         haematoxylin and eosin blob responses at three sizes), ``lowres`` (also fit on copies of the patches
         blurred up to that many times coarser, e.g. ``lowres=4``), ``per_section`` (standardise the features and
         the expression within each section) and ``rank`` (reduced-rank ridge on that many principal axes of the
-        expression, e.g. ``rank=30``); the last three are off by default and on in the default preset's probe.
+        expression, e.g. ``rank=30``); the last three are off by default and on in the default preset's probe
+        (which centres: ``per_section="centre"``), as is ``white_balance`` (scale each slide's colours so its glass is
+        grey 242 before the hand-crafted features). ``neighbour_smoothing`` (every preset; 0.5 in the default): the
+        weight of the grid neighbours' mean in each prediction.
         ``features="X_<name>"`` (every preset but ``"mean"``): train on the cached embeddings of
         ``obsm["X_<name>"]`` (see above); a neural preset's blended ridge probe is then fitted on the same
         embeddings, and a registry encoder name (``encoder="uni2-h"``) sets ``img_size``, ``image_mean`` and
