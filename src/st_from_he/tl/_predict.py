@@ -39,6 +39,7 @@ def predict_expression(
     device: str | None = None,
     overwrite: bool = False,
     progress_bar: bool | None = None,
+    client=None,
 ):
     """Predict expression from the H&E image at every spot, into a new table.
 
@@ -47,11 +48,14 @@ def predict_expression(
     predicted as a whole: the default preset's ridge probe standardises its image features with the section's own
     statistics, which removes section-wide stain, scanner and resolution shifts.
 
+    A list of slides is predicted slide by slide, each exactly as if passed alone, in this process or, with
+    ``client``, one slide per task on a :mod:`dask.distributed` cluster.
+
     Parameters
     ----------
     sdata
         :class:`~spatialdata.SpatialData` with one or more sections (measured, or H&E-only with a pseudo-spot grid
-        from :func:`st_from_he.pp.spot_grid`).
+        from :func:`st_from_he.pp.spot_grid`), or a list of them (slides), each of which gets its own table.
     model
         A fitted :class:`~st_from_he.tl.ExpressionModel`.
     reference
@@ -61,7 +65,8 @@ def predict_expression(
         Table whose rows are the spots to predict (used when ``shapes_key`` is ``None``); default ``"table"``, else
         the only table. Each spot's section is its ``obs["sample"]``, else the region (circles) it annotates.
     shapes_key
-        Circles element to predict at instead (e.g. ``"C6_grid"``); needed for sections without a table.
+        Circles element to predict at instead (e.g. ``"C6_grid"``); needed for sections without a table. With a
+        list of slides, one key for all or a list of one per slide (``None`` for a slide's table).
     image_key, coordinate_system, pixel_size_um
         Which image each section's patches are cut from, where circles and image meet, and its resolution; the
         defaults find them (see :func:`st_from_he.pp.extract_patches`).
@@ -78,10 +83,20 @@ def predict_expression(
         whatever ``overwrite``.
     progress_bar
         Show progress; default ``sth.settings.progress_bar``.
+    client
+        Where a list of slides is predicted. ``None`` (default): here, one slide after the other; a
+        :class:`distributed.Client`: on its cluster, one task per slide; ``"default"``: the current default client
+        (:func:`distributed.default_client`, the last one created), an error if there is none. A client is only
+        ever used when passed: one that happens to exist is not picked up silently. The model is sent to the
+        workers once; each slide is sent with its images as they are held (lazy readers and zarr stores travel as
+        file paths, which the workers must reach; in-memory images travel whole); ``sth.settings`` travel too. The
+        tables are written once every slide has succeeded: a failure (its slide's index in the message) leaves
+        every slide as it was. A single SpatialData with a client runs as one task.
 
     Returns
     -------
-    Nothing; adds ``sdata.tables[key_added]``, annotating the same circles as the spots predicted:
+    Nothing; adds ``sdata.tables[key_added]`` (to each slide of a list), annotating the same circles as the spots
+    predicted:
 
     - ``X``: predicted log1p(CP10k) expression (float32), ``var_names`` the model's genes;
     - ``obs``: ``sample``, ``region`` (circles element) and ``spot_id`` (circle index); ``obs_names`` those of the
@@ -102,17 +117,60 @@ def predict_expression(
     >>> test.tables["predicted_expression"]  # doctest: +SKIP
     >>> sth.pp.spot_grid(he_only, "S1_image", spacing_um=100)  # doctest: +SKIP
     >>> sth.tl.predict_expression(he_only, model, shapes_key="S1_grid")  # doctest: +SKIP
+
+    Many slides on a dask cluster (here two local worker processes), one task per slide:
+
+    >>> from distributed import Client, LocalCluster  # doctest: +SKIP
+    >>> with LocalCluster(n_workers=2, threads_per_worker=1) as cluster, Client(cluster) as client:  # doctest: +SKIP
+    ...     sth.tl.predict_expression([slide_a, slide_b], model, shapes_key=[None, "B_grid"], client=client)
+    >>> slide_b.tables["predicted_expression"]  # doctest: +SKIP
     """
-    import anndata as ad
-    from spatialdata.models import TableModel
+    if client is not None or isinstance(sdata, list | tuple):
+        from ._distributed import predict_slides
 
-    from st_from_he.pp import extract_patches
-
-    from ._model import ExpressionModel
-
+        predict_slides(
+            sdata,
+            model,
+            reference=reference,
+            table_key=table_key,
+            shapes_key=shapes_key,
+            image_key=image_key,
+            coordinate_system=coordinate_system,
+            pixel_size_um=pixel_size_um,
+            key_added=key_added,
+            batch_size=batch_size,
+            device=device,
+            overwrite=overwrite,
+            progress_bar=progress_bar,
+            client=client,
+        )
+        return
     check_sdata(sdata, "sth.tl.predict_expression")
     progress_bar = settings.progress_bar if progress_bar is None else progress_bar
     batch_size = check_number(batch_size, "batch_size", integer=True, unit="patches")
+    table_key = check_slide(sdata, table_key=table_key, shapes_key=shapes_key, key_added=key_added, overwrite=overwrite)
+    model = check_model(model, reference)
+    table = slide_table(
+        sdata,
+        model,
+        table_key=table_key,
+        shapes_key=shapes_key,
+        image_key=image_key,
+        coordinate_system=coordinate_system,
+        pixel_size_um=pixel_size_um,
+        batch_size=batch_size,
+        device=device,
+        progress_bar=progress_bar,
+    )
+    sdata.tables[key_added] = table
+    logger.info("Wrote table %r (%d spots x %d genes)", key_added, table.n_obs, table.n_vars)
+
+
+def check_slide(sdata, *, table_key: str | None, shapes_key: str | None, key_added, overwrite: bool) -> str | None:
+    """Check one slide's spots and ``key_added`` before any work; return the table whose rows are the spots.
+
+    ``None`` when predicting at ``shapes_key``. Raises before anything is computed or written.
+    """
     if shapes_key is None:
         if not sdata.tables:
             raise KeyError(
@@ -130,6 +188,13 @@ def predict_expression(
         except KeyError:
             measured_key = TABLE_KEY
     _check_key_added(sdata, key_added, table_key=measured_key, overwrite=overwrite)
+    return table_key
+
+
+def check_model(model, reference):
+    """The fitted model to predict with: ``model`` checked, or a default one trained on ``reference``."""
+    from ._model import ExpressionModel
+
     if model is None:
         if reference is None:
             raise ValueError("Pass a fitted `model`, or `reference=` sections to train a default model on.")
@@ -143,6 +208,30 @@ def predict_expression(
         )
     if not model.is_fitted:
         raise RuntimeError("The model is not fitted; call `model.fit(train)` first.")
+    return model
+
+
+def slide_table(
+    sdata,
+    model,
+    *,
+    table_key: str | None,
+    shapes_key: str | None,
+    image_key,
+    coordinate_system: str | None,
+    pixel_size_um,
+    batch_size: int,
+    device: str | None,
+    progress_bar: bool,
+):
+    """The prediction table of one checked slide (see :func:`check_slide`), parsed but not written into it.
+
+    This is the unit of work of :func:`predict_expression`, in this process or in a dask worker.
+    """
+    import anndata as ad
+    from spatialdata.models import TableModel
+
+    from st_from_he.pp import extract_patches
 
     patches = extract_patches(
         sdata,
@@ -184,8 +273,7 @@ def predict_expression(
         "coordinate_systems": _coordinate_systems(sdata, obs),
     }
     regions = list(dict.fromkeys(obs[REGION_KEY].astype(str)))
-    sdata.tables[key_added] = TableModel.parse(table, region=regions, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
-    logger.info("Wrote table %r (%d spots x %d genes)", key_added, table.n_obs, table.n_vars)
+    return TableModel.parse(table, region=regions, region_key=REGION_KEY, instance_key=INSTANCE_KEY)
 
 
 def _check_key_added(sdata, key_added, *, table_key: str, overwrite: bool) -> None:

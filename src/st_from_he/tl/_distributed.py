@@ -1,0 +1,174 @@
+"""`predict_expression` over many slides: one after the other here, or one task per slide on a dask cluster."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from st_from_he._logging import logger
+from st_from_he._sdata import check_sdata
+from st_from_he._settings import settings
+from st_from_he._validate import check_number
+
+from ._predict import check_model, check_slide, slide_table
+
+FUNCTION = "sth.tl.predict_expression"
+DEFAULT_CLIENT = "default"  # the explicit opt-in for `distributed.default_client()`
+
+
+def predict_slides(
+    slides,
+    model,
+    *,
+    reference,
+    table_key,
+    shapes_key,
+    image_key,
+    coordinate_system,
+    pixel_size_um,
+    key_added,
+    batch_size,
+    device,
+    overwrite,
+    progress_bar,
+    client,
+) -> None:
+    """:func:`~st_from_he.tl.predict_expression` for a list of slides (or one slide with a ``client``).
+
+    Every slide and the model are checked before any work; the tables are written only once all slides have their
+    predictions, so a failure on any slide leaves all of them untouched.
+    """
+    client = resolve_client(client)
+    slides = _check_slides(slides)
+    shapes_keys = _per_slide(shapes_key, len(slides))
+    progress_bar = settings.progress_bar if progress_bar is None else progress_bar
+    batch_size = check_number(batch_size, "batch_size", integer=True, unit="patches")
+    table_keys = []
+    for i, (slide, key) in enumerate(zip(slides, shapes_keys, strict=True)):
+        with _naming_slide(i, len(slides)):
+            table_keys.append(
+                check_slide(slide, table_key=table_key, shapes_key=key, key_added=key_added, overwrite=overwrite)
+            )
+    model = check_model(model, reference)
+    kwargs = {
+        "image_key": image_key,
+        "coordinate_system": coordinate_system,
+        "pixel_size_um": pixel_size_um,
+        "batch_size": batch_size,
+        "device": device,
+        "progress_bar": progress_bar,
+    }
+    jobs = [{"table_key": t, "shapes_key": s, **kwargs} for t, s in zip(table_keys, shapes_keys, strict=True)]
+    if client is None:
+        tables = []
+        for i, (slide, job) in enumerate(zip(slides, jobs, strict=True)):
+            with _naming_slide(i, len(slides)):
+                tables.append(slide_table(slide, model, **job))
+    else:
+        tables = _on_cluster(client, slides, model, jobs)
+    for slide, table in zip(slides, tables, strict=True):
+        slide.tables[key_added] = table
+    logger.info("Wrote table %r into %d slide(s) (%d spots in all)", key_added, len(slides), sum(map(len, tables)))
+
+
+def resolve_client(client):
+    """The :class:`distributed.Client` to run on: ``None`` (run here), a client, or ``"default"`` (opt-in)."""
+    if client is None:
+        return None
+    import distributed
+
+    if isinstance(client, str) and client == DEFAULT_CLIENT:
+        try:
+            return distributed.default_client()
+        except ValueError as err:
+            raise ValueError(
+                f"`client={DEFAULT_CLIENT!r}` of `{FUNCTION}` uses the current dask.distributed client, but none "
+                f"exists. Create one first (`distributed.Client(...)`), or pass `client=None` to run here."
+            ) from err
+    if isinstance(client, distributed.Client):
+        return client
+    hint = ""
+    if isinstance(client, distributed.deploy.Cluster):
+        hint = " For a cluster, pass a client connected to it: `client=distributed.Client(cluster)`."
+    raise TypeError(
+        f"`client` of `{FUNCTION}` must be a `distributed.Client`, {DEFAULT_CLIENT!r} (the current default client) "
+        f"or None (run here), got {type(client).__name__}.{hint}"
+    )
+
+
+def _check_slides(slides) -> list:
+    """The slides as a list: each a SpatialData, each once, at least one."""
+    if not isinstance(slides, list | tuple):
+        check_sdata(slides, FUNCTION)
+        return [slides]
+    if not slides:
+        raise ValueError(f"`{FUNCTION}` got an empty list of slides; pass at least one SpatialData.")
+    seen = {}
+    for i, slide in enumerate(slides):
+        with _naming_slide(i, len(slides)):
+            check_sdata(slide, FUNCTION)
+        if id(slide) in seen:
+            raise ValueError(
+                f"Slides {seen[id(slide)]} and {i} of the list passed to `{FUNCTION}` are the same SpatialData; "
+                f"pass each slide once."
+            )
+        seen[id(slide)] = i
+    return list(slides)
+
+
+def _per_slide(shapes_key, n: int) -> list:
+    """``shapes_key`` for each of ``n`` slides: one key (or ``None``) for all, or a list of one per slide."""
+    if not isinstance(shapes_key, list | tuple):
+        return [shapes_key] * n
+    if len(shapes_key) != n:
+        raise ValueError(
+            f"`shapes_key` of `{FUNCTION}` has {len(shapes_key)} entries for {n} slides; give one per slide (None "
+            f"for a slide's table), or a single key for all."
+        )
+    return list(shapes_key)
+
+
+class _naming_slide:
+    """Add "slide i of the list" to an exception's notes: the message says which slide failed."""
+
+    def __init__(self, i: int, n: int):
+        self.note = f"(slide {i} of the {n} passed to `{FUNCTION}`)"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is not None and isinstance(err, Exception) and self.note not in getattr(err, "__notes__", ()):
+            err.add_note(self.note)
+        return False
+
+
+def _on_cluster(client, slides: list, model, jobs: list[dict]) -> list:
+    """One task per slide on ``client``'s cluster; the tables in the slides' order, or the first slide's error."""
+    import distributed
+
+    # the model is scattered once and shared by every task; the slides one each (no large task graphs)
+    model_future = client.scatter(model, hash=False)
+    slide_futures = client.scatter(list(slides), hash=False)
+    options = dataclasses.asdict(settings)
+    futures = [
+        client.submit(_remote_slide_table, slide, model_future, job, options, pure=False)
+        for slide, job in zip(slide_futures, jobs, strict=True)
+    ]
+    index = {future.key: i for i, future in enumerate(futures)}
+    tables = [None] * len(futures)
+    try:
+        # stop at the first failure (the other slides' tasks are cancelled) rather than after every slide
+        for future in distributed.as_completed(futures):
+            i = index[future.key]
+            with _naming_slide(i, len(slides)):
+                tables[i] = future.result()
+        return tables
+    finally:
+        client.cancel([*futures, *slide_futures, model_future])
+
+
+def _remote_slide_table(slide, model, job: dict, options: dict):
+    """A worker's task: the caller's ``sth.settings``, then one slide's prediction table."""
+    for name, value in options.items():
+        setattr(settings, name, value)
+    return slide_table(slide, model, **job)
