@@ -35,6 +35,7 @@ def test_preset_holds_the_authors_values_and_default_keeps_its_own():
     assert (cmrc.lr_schedule, cmrc.t_max, cmrc.eta_min, cmrc.max_epochs) == ("epoch_cosine", 60, 1e-5, 60)
     assert (cmrc.val_fraction, cmrc.val_per_section, cmrc.patience) == (0.2, True, None)
     assert (cmrc.lr, cmrc.weight_decay, cmrc.batch_size, cmrc.top_k, cmrc.mask_ratio) == (1e-4, 1e-3, 64, 50, 0.5)
+    assert cmrc.target_sum == "median" and ModelConfig(**NEURAL_PRESETS["default"]).target_sum == 1e4
     default = ModelConfig(**NEURAL_PRESETS["default"])
     assert default.fusion == "stacked" and default.recon_stop_grad and default.contrastive_log == "batch"
     assert (default.lr_schedule, default.val_fraction, default.patience) == ("step_cosine", 0.1, 5)
@@ -198,3 +199,28 @@ def test_per_section_split_takes_the_fraction_from_every_section():
     train, val = _split(data, 0.2, None, seed=0, per_section=True)
     assert sorted(np.concatenate([train, val])) == list(range(100))
     assert [int((sections[val] == s).sum()) for s in "ABC"] == [10, 6, 4]
+
+
+def test_median_targets_are_scanpys_normalize_total_per_section(her2st_small):
+    """The authors' targets: ``sc.pp.normalize_total`` (each section's median total) then ``sc.pp.log1p``."""
+    import scanpy as sc
+
+    from st_from_he.tl._data import measured_targets
+
+    table = her2st_small.tables["table"]
+    genes = list(table.var_names[:50])
+    ours = measured_targets(table, genes, target_sum="median")
+    for section in ("C5", "C6"):
+        adata = table[table.obs["sample"] == section].copy()
+        sc.pp.normalize_total(adata)
+        sc.pp.log1p(adata)
+        rows = (table.obs["sample"] == section).to_numpy()
+        np.testing.assert_allclose(ours[rows], adata[:, genes].X.toarray(), rtol=1e-5, atol=1e-6)
+    # C5 and C6 have different medians: one number for both would not give this
+    cp10k = measured_targets(table, genes)
+    assert not np.allclose(ours, cp10k)
+    model = sth.tl.ExpressionModel(genes, preset="cmrc")
+    assert model.target_sum == "median" and "median" in model.units
+    assert sth.tl.ExpressionModel(genes).units == "log1p(counts per 10,000)"
+    with pytest.raises(ValueError, match="`target_sum` must be a positive number"):
+        sth.tl.ExpressionModel(genes, target_sum="mean")

@@ -95,6 +95,11 @@ class ModelConfig:
         Radius in micrometres within which :mod:`st_from_he.tl` collects neighbours.
     max_neighbours
         Most neighbours per spot given to the neighbour attention.
+    target_sum
+        Total each spot's counts are scaled to before ``log1p`` for the training targets: ``1e4`` (the package's
+        scale and the evaluation protocol's), or ``"median"``: the median total of the spot's section (the reference
+        authors' ``normalize_total``; preset ``"cmrc"``). Predictions are on the training targets' scale; per-gene
+        correlations within a section barely depend on it.
     neighbour_smoothing
         At prediction, blend each spot's prediction with the mean of its grid neighbours' (within 1.5 pitches, same
         section) with this weight (:func:`~st_from_he.models.smooth_neighbours`); ``0`` off (reference), ``0.5`` in
@@ -185,6 +190,7 @@ class ModelConfig:
     neighbour_radius_um: float = 150.0
     max_neighbours: int = 8
     neighbour_smoothing: float = 0.0
+    target_sum: float | str = 1e4
     regression_head: bool = False
     regression_hidden: int | None = None
     regression_weight: float = 1.0
@@ -236,6 +242,11 @@ class ModelConfig:
             raise ValueError(f"`context_scales` must be positive and non-empty, got {self.context_scales}.")
         if self.proj_dim % self.n_heads:
             raise ValueError(f"`proj_dim` ({self.proj_dim}) must be divisible by `n_heads` ({self.n_heads}).")
+        if self.target_sum != "median":
+            value = self.target_sum
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+                raise ValueError(f"`target_sum` must be a positive number (e.g. 1e4) or 'median', got {value!r}.")
+            self.target_sum = float(value)
         if isinstance(self.neighbour_smoothing, bool) or not 0 <= self.neighbour_smoothing <= 1:
             raise ValueError(f"`neighbour_smoothing` must be a weight in [0, 1], got {self.neighbour_smoothing!r}.")
         self.neighbour_smoothing = float(self.neighbour_smoothing)

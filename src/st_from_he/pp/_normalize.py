@@ -29,7 +29,8 @@ def log_normalize(counts, *, target_sum: float = TARGET_SUM, keep_sparse: bool =
     counts
         Spots x genes raw counts, dense or sparse.
     target_sum
-        Total each spot is scaled to before the logarithm.
+        Total each spot is scaled to before the logarithm: one number, or one per spot (an array of ``n`` values,
+        e.g. each section's median total, as :func:`scanpy.pp.normalize_total` with ``target_sum=None`` per section).
     keep_sparse
         Return a CSR matrix when ``counts`` is sparse (zeros stay zeros); by default a dense array.
 
@@ -37,8 +38,12 @@ def log_normalize(counts, *, target_sum: float = TARGET_SUM, keep_sparse: bool =
     -------
     float32 array (or CSR matrix) of the same shape as ``counts``.
     """
-    if not np.isfinite(target_sum) or target_sum <= 0:
-        raise ValueError(f"`target_sum` must be positive, got {target_sum}.")
+    target_sum = np.asarray(target_sum, dtype=np.float64)
+    n_spots = np.shape(counts)[0] if np.ndim(counts) else 0
+    if target_sum.ndim > 1 or (target_sum.ndim == 1 and len(target_sum) != n_spots):
+        raise ValueError(f"`target_sum` must be one number or one per spot ({n_spots}), got shape {target_sum.shape}.")
+    if not np.all(np.isfinite(target_sum)) or np.any(target_sum <= 0):
+        raise ValueError(f"`target_sum` must be positive and finite, got {target_sum.min()}.")
     if sparse.issparse(counts):
         x = sparse.csr_matrix(counts, dtype=np.float64, copy=True)
         totals = np.asarray(x.sum(axis=1)).ravel()

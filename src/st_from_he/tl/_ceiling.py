@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
-TARGET_SUM = 1e4
+from st_from_he.pp._normalize import TARGET_SUM  # the evaluation protocol: normalize_total(1e4), log1p
 
 
 def _lognorm(counts: sparse.csr_matrix) -> sparse.csr_matrix:

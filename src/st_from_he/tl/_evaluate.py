@@ -23,6 +23,7 @@ from st_from_he._sdata import (
     check_sdata,
 )
 from st_from_he._validate import check_raw_counts, is_raw_counts
+from st_from_he.pp._normalize import TARGET_SUM  # evaluation targets: log1p of counts per 10,000
 
 from ._ceiling import noise_ceiling
 from ._gene_sets import _check_gene_sets, _check_markers, _check_measured_params, _select_genes
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-TARGET_SUM = 1e4
-"""Evaluation targets are ``log1p`` of counts scaled to this total per spot (CP10k)."""
 
 _CONSTANT_RTOL = 1e-6
 # per-gene columns and summary names a gene set must not take

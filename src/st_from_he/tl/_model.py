@@ -21,7 +21,7 @@ from st_from_he._sdata import SPATIAL_KEY, TABLE_KEY
 from st_from_he._settings import settings
 
 from ._baselines import MIN_SECTION_SPOTS, MIN_TRAINING_SECTION_SPOTS, is_embedding_key
-from ._data import SpotArrays, as_list, concat_arrays, spot_arrays
+from ._data import TARGET_SUM, SpotArrays, as_list, concat_arrays, spot_arrays
 from ._presets import BASELINE_PRESETS, NEURAL_PRESETS, RIDGE_BLEND_PRESETS, check_preset
 from ._training import check_device
 
@@ -197,6 +197,18 @@ class ExpressionModel:
         return features if is_embedding_key(features) else None
 
     @property
+    def target_sum(self) -> float | str:
+        """The spot total the model's training targets were scaled to before log1p: 10,000, or ``"median"``."""
+        return self.config.target_sum if self.is_neural else TARGET_SUM
+
+    @property
+    def units(self) -> str:
+        """The scale of the predictions."""
+        if self.target_sum == "median":
+            return "log1p(counts scaled to each training section's median total)"
+        return f"log1p(counts per {self.target_sum:,.0f})"
+
+    @property
     def neighbour_smoothing(self) -> float:
         """Weight of the neighbours' mean in each prediction (see :meth:`predict_patches`); 0: no smoothing."""
         if self.is_neural:
@@ -239,6 +251,7 @@ class ExpressionModel:
                     table_key=table_key,
                     fill_missing_genes=fill_missing_genes,
                     spots=chosen,
+                    target_sum=self.target_sum,
                 )
             )
         data = concat_arrays(parts)
@@ -283,7 +296,11 @@ class ExpressionModel:
             sections_of = spot_sections(table, table_key=table_key)  # obs["sample"], else the annotated region
             obs = pd.DataFrame({SAMPLE_KEY: sections_of}, index=table.obs_names)
             targets = measured_targets(
-                table, self.genes, fill_missing_genes=fill_missing_genes, where=f" {table_key!r}"
+                table,
+                self.genes,
+                fill_missing_genes=fill_missing_genes,
+                where=f" {table_key!r}",
+                target_sum=self.target_sum,
             )
             idx = np.arange(table.n_obs)
             if spots is not None:

@@ -9,9 +9,9 @@ NEURAL_PRESETS: dict[str, dict[str, Any]] = {
     # The reference method as the authors' code (github ngfufdrdh/CMRCNet) runs it: their randomly initialised
     # ViT-B/32, soft-target contrastive loss (log per spot) + masked reconstruction through one tied fusion block,
     # retrieval of the top 50 spots, per-epoch cosine schedule over 60 epochs, no early stopping, 20% of each
-    # section for validation. One deliberate difference: their gene list includes the test sections' HVGs; ours
-    # is whatever the caller selects from training sections. Not yet matched: their targets are normalize_total
-    # (per-section median) then log1p; ours log1p(CP10k).
+    # section for validation, targets normalize_total (each section's median total) then log1p. One deliberate
+    # difference: their gene list includes the test sections' HVGs; ours is whatever the caller selects from
+    # training sections.
     "cmrc": {
         "encoder": "vit_b32_cmrc",
         "fusion": "cmrc",
@@ -28,6 +28,7 @@ NEURAL_PRESETS: dict[str, dict[str, Any]] = {
         "val_fraction": 0.2,
         "val_per_section": True,
         "patience": None,
+        "target_sum": "median",
     },
     # Beyond the reference: a small CNN that trains on 2 CPU cores, a 3x context patch, a regression head blended
     # with retrieval and with a ridge probe on hand-crafted features (white-balanced, centred per section), colour,
