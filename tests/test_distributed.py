@@ -95,6 +95,11 @@ def test_list_on_local_cluster_equals_single_process(read_slides, model, expecte
         tasks = [t for t in stream.data if str(t["key"]).startswith("_remote_slide_table")]
         assert len(tasks) == 2 and {t["worker"] for t in tasks} <= set(client.scheduler_info()["workers"])
 
+        # one slide with the default client (the explicit opt-in): one task, the same table
+        one = _slides(read_slides)[1]
+        sth.tl.predict_expression(one, model, shapes_key="C4_subset", client="default", progress_bar=False)
+        _assert_same([one.tables[KEY]], expected[1:])
+
         # a slide that fails in its worker: its index is named, and no slide gets a table
         again = _slides(read_slides)
         del again[1].images["C4_image"]

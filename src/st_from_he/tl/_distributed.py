@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 
 from st_from_he._logging import logger
 from st_from_he._sdata import check_sdata
@@ -127,19 +128,16 @@ def _per_slide(shapes_key, n: int) -> list:
     return list(shapes_key)
 
 
-class _naming_slide:
-    """Add "slide i of the list" to an exception's notes: the message says which slide failed."""
-
-    def __init__(self, i: int, n: int):
-        self.note = f"(slide {i} of the {n} passed to `{FUNCTION}`)"
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if err is not None and isinstance(err, Exception) and self.note not in getattr(err, "__notes__", ()):
-            err.add_note(self.note)
-        return False
+@contextmanager
+def _naming_slide(i: int, n: int):
+    """Add "slide i of the n" to the notes of an exception raised inside: the message says which slide failed."""
+    try:
+        yield
+    except Exception as err:
+        note = f"(slide {i} of the {n} passed to `{FUNCTION}`)"
+        if n > 1 and note not in getattr(err, "__notes__", ()):
+            err.add_note(note)
+        raise
 
 
 def _on_cluster(client, slides: list, model, jobs: list[dict]) -> list:
