@@ -100,6 +100,7 @@ intersphinx_mapping = {
     "spatialdata": ("https://spatialdata.scverse.org/en/stable/", None),
     "xarray": ("https://docs.xarray.dev/en/stable/", None),
     "dask": ("https://docs.dask.org/en/stable/", None),
+    "distributed": ("https://distributed.dask.org/en/stable/", None),
     "torch": ("https://docs.pytorch.org/docs/stable/", None),
     "matplotlib": ("https://matplotlib.org/stable/", None),
 }
