@@ -31,8 +31,10 @@ class ExpressionModule(L.LightningModule):
         embeddings), the spots' embedding vectors ``(B, feature_dim)`` instead, never augmented.
     ``"expression"``
         Targets ``(B, G)``, log1p(CP10k) expression of the model genes (training and validation only).
-    ``"neighbours"`` (optional, used when ``config.neighbour_attention``)
-        Neighbour patches ``(B, K, S, 3, H, W)``, padded to a common ``K``.
+    ``"neighbours"`` (required for training when ``config.neighbour_attention``)
+        Neighbour patches ``(B, K, S, 3, H, W)``, normalised like ``"image"``, padded to a common ``K``. They are
+        encoded without gradient (only the unpadded slots): the attention and the projection learn from them, the
+        encoder from each spot's own patch, which keeps a training step affordable (``K`` times more images).
     ``"neighbour_features"`` (optional alternative to ``"neighbours"``)
         Precomputed neighbour features ``(B, K, D_img)`` from :meth:`encode_features`, e.g. for inference on a
         whole slide where every spot is encoded once.
@@ -40,7 +42,8 @@ class ExpressionModule(L.LightningModule):
         ``(B, K)`` boolean, ``True`` where a neighbour slot is padding.
 
     Image features are the encoder's mean token per scale, fused over scales and projected to ``proj_dim``; the
-    neighbour attention then mixes in the projected neighbour features. The reconstruction target is the spot's
+    neighbour attention then mixes in the projected neighbour features. A batch without neighbours gives the
+    embedding without context (as if every neighbour slot were padding); training such a module refuses it. The reconstruction target is the spot's
     own projected embedding (before neighbour attention), gradient stopped (see
     :func:`~st_from_he.models.reconstruction_loss`).
 
@@ -124,21 +127,47 @@ class ExpressionModule(L.LightningModule):
             return None
         neighbours = batch["neighbours"]
         b, k = neighbours.shape[:2]
-        if k == 0:
-            return neighbours.new_zeros(b, 0, self.encoder.pooled_features)
-        return self.encode_features(neighbours.flatten(0, 1)).view(b, k, -1)
+        flat = neighbours.flatten(0, 1)
+        mask = batch.get("neighbour_mask")
+        valid = torch.ones(b * k, dtype=torch.bool, device=flat.device) if mask is None else ~mask.flatten()
+        out = flat.new_zeros(b * k, self.encoder.pooled_features, dtype=torch.float32)
+        if valid.any():  # padded slots are never encoded (nor seen by batch norm)
+            with torch.no_grad():
+                features = self.encode_features(flat[valid])
+            out = out.to(features.dtype)
+            out[valid] = features
+        return out.view(b, k, -1)
+
+    def _project(
+        self, features: torch.Tensor, neighbours: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # -> final embedding, the spot's own embedding before neighbour attention
+        spot_emb = self.image_head(features)
+        if self.neighbour_attention is None or neighbours is None:
+            return spot_emb, spot_emb
+        return self.neighbour_attention(spot_emb, self.image_head(neighbours), mask), spot_emb
+
+    def embed_features(
+        self,
+        features: torch.Tensor,
+        neighbour_features: torch.Tensor | None = None,
+        neighbour_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image embeddings ``(B, proj_dim)`` from encoder features ``(B, D_img)`` of :meth:`encode_features`.
+
+        With neighbour attention, ``neighbour_features`` ``(B, K, D_img)`` and ``neighbour_mask`` ``(B, K)``
+        (``True`` where a slot is padding) give each spot's neighbours, so a whole slide is encoded once and every
+        spot then attends over its neighbours' features. Equals :meth:`embed_images` of the same images.
+        """
+        return self._project(features, neighbour_features, neighbour_mask)[0]
 
     def _embed(self, batch: Batch | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         # -> final image embedding, image tokens, the spot's own embedding before neighbour attention
         if isinstance(batch, torch.Tensor):
             batch = {"image": batch}
         features, tokens = self._encode(batch["image"])
-        spot_emb = self.image_head(features)
-        emb = spot_emb
-        if self.neighbour_attention is not None:
-            neighbours = self._neighbour_features(batch)
-            if neighbours is not None:
-                emb = self.neighbour_attention(spot_emb, self.image_head(neighbours), batch.get("neighbour_mask"))
+        neighbours = self._neighbour_features(batch) if self.neighbour_attention is not None else None
+        emb, spot_emb = self._project(features, neighbours, batch.get("neighbour_mask"))
         return emb, tokens, spot_emb
 
     def embed_images(self, batch: Batch | torch.Tensor) -> torch.Tensor:
@@ -171,6 +200,11 @@ class ExpressionModule(L.LightningModule):
         over spots of ``log(1 + L)``, and ``"contrastive"`` reports the mean ``L``).
         """
         c = self.config
+        if self.neighbour_attention is not None and not {"neighbours", "neighbour_features"} & set(batch):
+            raise ValueError(
+                "This module has neighbour attention (`neighbour_attention=True`) but the batch carries no "
+                "'neighbours' or 'neighbour_features': train it with `sth.tl.ExpressionModel.fit`, which adds them."
+            )
         emb, tokens, spot_emb = self._embed(batch)
         expression = batch["expression"]
         losses: dict[str, torch.Tensor] = {}

@@ -503,6 +503,14 @@ class ExpressionModel:
         module = ExpressionModule(self.config, n_genes=len(self.genes))
         if self.features is not None:  # the embeddings standardised with the training spots' statistics
             module.encoder.set_statistics(data.patches[train_idx])
+        neighbours = None
+        if self.config.neighbour_attention:  # any training spot's patch may be a neighbour (images only)
+            from ._training import neighbour_rows
+
+            index = neighbour_rows(
+                data.positions_um, data.sections, self.config, n=len(data.patches), what="training spots"
+            )
+            neighbours = (data.patches, index[train_idx], index[val_idx])
         with timed(f"Training the {self.preset!r} model on {len(train_idx)} spots ({len(val_idx)} validation)"):
             self.history, best_epoch = train(
                 module,
@@ -516,6 +524,7 @@ class ExpressionModel:
                 progress_bar=progress_bar,
                 patience=patience,
                 max_time=max_time,
+                neighbours=neighbours,
             )
         module = module.cpu()
         self.training_info["best_epoch"] = best_epoch
@@ -566,6 +575,7 @@ class ExpressionModel:
             data.patches,
             groups=data.sections,
             glass=data.glass,
+            positions_um=data.positions_um,
             min_section_spots=MIN_TRAINING_SECTION_SPOTS,
             device="cpu",
             progress_bar=False,
@@ -606,25 +616,34 @@ class ExpressionModel:
         *,
         groups=None,
         glass=None,
+        positions_um=None,
         min_section_spots: int = MIN_SECTION_SPOTS,
         device: str,
         batch_size: int = 64,
         progress_bar: bool = False,
     ):
-        """Each component's prediction (regression head, retrieval, ridge probe) and the image embeddings."""
+        """Each component's prediction (regression head, retrieval, ridge probe) and the image embeddings.
+
+        A model with neighbour attention encodes every patch once, then lets each spot attend over the features of
+        its neighbours among these patches (centres ``positions_um``, same group), so the output does not depend
+        on batching or order.
+        """
         import torch
 
         from st_from_he.models import retrieve
 
-        from ._training import normalise_images, resolve_device, set_threads
+        from ._training import neighbour_rows, normalise_images, resolve_device, set_threads
 
         set_threads()
+        index = None
+        if self._module.neighbour_attention is not None:
+            index = neighbour_rows(positions_um, groups, self.config, n=len(patches), what="spots to predict")
         device = resolve_device(device)
         module = self._module.to(device).eval()
         bank = None
         if self._bank is not None:
             bank = {k: torch.from_numpy(v).to(device) for k, v in self._bank.items()}
-        regression, retrieval, ridge, embeddings = [], [], [], []
+        regression, retrieval, ridge, embeddings, features = [], [], [], [], []
         starts = range(0, len(patches), batch_size)
         with torch.inference_mode():
             for start in tqdm(starts, disable=not progress_bar, desc="Predicting", unit="batch"):
@@ -634,6 +653,9 @@ class ExpressionModel:
                 x = torch.from_numpy(batch).to(device)
                 if self.features is None:  # embeddings are standardised by the module itself
                     x = normalise_images(x, self.config.image_mean, self.config.image_std)
+                if index is not None:  # heads once every neighbour is encoded (below)
+                    features.append(module.encode_features(x))
+                    continue
                 emb = module.embed_images(x)
                 embeddings.append(emb.float().cpu().numpy())
                 if module.regression is not None:
@@ -642,6 +664,20 @@ class ExpressionModel:
                     retrieval.append(
                         retrieve(emb, bank["embedding"], bank["expression"], k=self.config.top_k).float().cpu().numpy()
                     )
+            if index is not None:
+                features = torch.cat(features)
+                nb = torch.from_numpy(index).to(device)
+                for start in starts:
+                    rows = nb[start : start + batch_size]
+                    emb = module.embed_features(
+                        features[start : start + batch_size], features[rows.clamp_min(0)], rows < 0
+                    )
+                    embeddings.append(emb.float().cpu().numpy())
+                    if module.regression is not None:
+                        regression.append(module.regression(emb).float().cpu().numpy())
+                    if bank is not None:
+                        retrieved = retrieve(emb, bank["embedding"], bank["expression"], k=self.config.top_k)
+                        retrieval.append(retrieved.float().cpu().numpy())
         module.cpu()
         if ridge:  # standardised per section, so predicted once all features are in
             ridge = [
@@ -658,6 +694,7 @@ class ExpressionModel:
         groups=None,
         glass=None,
         positions=None,
+        positions_um=None,
         device: str | None = None,
         batch_size: int = 64,
         progress_bar: bool | None = None,
@@ -669,13 +706,15 @@ class ExpressionModel:
         patches
             Indexable uint8 patches, item ``(s, 3, h, w)`` or ``(3, h, w)``, e.g. the
             :class:`~st_from_he.pp.PatchDataset` of :func:`st_from_he.pp.extract_patches` with this model's
-            ``size_um``, ``size_px`` and ``context`` (which also gives ``groups``, ``glass`` and ``positions``).
+            ``size_um``, ``size_px`` and ``context`` (which also gives ``groups``, ``glass``, ``positions`` and
+            ``positions_um``).
         groups
             Section (sample) of each patch; ``None``: a PatchDataset's ``samples``, else all patches come from one
             section. The default preset's ridge probe (and any ridge with ``per_section``) standardises its features
             within each section, with the mean (and standard deviation) of that section's patches in this call, so
             pass whole sections (at least 30 spots each; smaller groups fall back to the training statistics), and
-            smoothing never crosses sections. Every other part of a prediction depends on the spot's own patch only;
+            smoothing never crosses sections. Every other part of a prediction depends on the spot's own patch only
+            (with ``neighbour_attention``, also on the patches of its neighbours in this call);
             ``batch_size`` and the order of the patches never change a prediction.
         glass
             Glass colour of each patch's slide ``(n, 3)`` (or one ``(3,)``), for models that white-balance
@@ -684,6 +723,11 @@ class ExpressionModel:
             Spot centres ``(n, 2)`` (any unit; the same within a section), for models that smooth their predictions
             over neighbouring spots (``neighbour_smoothing``, the default preset's); ``None``: a PatchDataset's
             ``spatial``, else no smoothing.
+        positions_um
+            Spot centres ``(n, 2)`` in micrometres, for models with ``neighbour_attention`` (required for them
+            unless ``patches`` is a PatchDataset): each spot attends over the patches of this call within
+            ``neighbour_radius_um`` in its section, so pass whole sections. ``None``: a PatchDataset's ``spatial``
+            times its ``pixel_size_um``.
         device
             Torch device; ``"auto"`` picks a GPU when available; ``None`` uses :attr:`device`.
         batch_size
@@ -707,6 +751,9 @@ class ExpressionModel:
         if isinstance(patches, PatchDataset):
             groups = patches.samples if groups is None else groups
             positions = patches.spatial if positions is None else positions
+            if positions_um is None:
+                pixel_size = np.array([patches.pixel_size_um[s] for s in patches.samples], dtype=float)
+                positions_um = patches.spatial * pixel_size[:, None]
             if glass is None and self._probe is not None and self._probe.white_balance:
                 glass = patches.glass_per_spot()
         return self._predict(
@@ -714,6 +761,7 @@ class ExpressionModel:
             groups,
             glass=glass,
             positions=positions,
+            positions_um=positions_um,
             device=device,
             batch_size=batch_size,
             progress_bar=progress_bar,
@@ -852,7 +900,9 @@ class ExpressionModel:
         positions = table.obsm.get(SPATIAL_KEY) if self.neighbour_smoothing else None
         return self.predict_features(features, groups=kwargs.pop("groups", groups), positions=positions, **kwargs)
 
-    def _predict(self, inputs, groups, *, glass=None, positions=None, device, batch_size, progress_bar):
+    def _predict(
+        self, inputs, groups, *, glass=None, positions=None, positions_um=None, device, batch_size, progress_bar
+    ):
         """Predictions of patches or embedding vectors (``inputs``), whichever the model takes."""
         patches = inputs
         batch_size = _check_int(batch_size, "batch_size", 1, "patches per forward pass, e.g. 64")
@@ -882,7 +932,13 @@ class ExpressionModel:
             expression, embeddings = self._probe.predict_features(np.concatenate(features), groups)
         else:
             parts, embeddings = self._predict_parts(
-                patches, groups=groups, glass=glass, device=device, batch_size=batch_size, progress_bar=progress_bar
+                patches,
+                groups=groups,
+                glass=glass,
+                positions_um=positions_um,
+                device=device,
+                batch_size=batch_size,
+                progress_bar=progress_bar,
             )
             expression = sum(self.blend[name] * parts[name] for name in parts).astype(np.float32)
         if self.neighbour_smoothing and positions is not None:

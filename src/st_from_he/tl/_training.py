@@ -83,10 +83,22 @@ def normalise_images(x, mean, std):
 
 
 class _SpotDataset:
-    """Map-style dataset over in-memory uint8 patches (or float embeddings) and targets (a torch Dataset by duck typing)."""
+    """Map-style dataset over in-memory uint8 patches (or float embeddings) and targets (a torch Dataset by duck typing).
 
-    def __init__(self, patches: np.ndarray, targets: np.ndarray):
+    With ``neighbours`` (an ``(n, K)`` index into ``pool``, ``-1`` padding), each item also carries its neighbours'
+    patches ``"neighbours"`` ``(K, s, 3, h, w)`` (zeros in padded slots) and ``"neighbour_mask"`` ``(K,)``, ``True``
+    where a slot is padding; without, an item is exactly ``{"image", "expression"}``.
+    """
+
+    def __init__(
+        self,
+        patches: np.ndarray,
+        targets: np.ndarray,
+        neighbours: np.ndarray | None = None,
+        pool: np.ndarray | None = None,
+    ):
         self.patches, self.targets = patches, targets
+        self.neighbours, self.pool = neighbours, pool
 
     def __len__(self) -> int:
         return len(self.patches)
@@ -94,7 +106,59 @@ class _SpotDataset:
     def __getitem__(self, i: int):
         import torch
 
-        return {"image": torch.from_numpy(self.patches[i]), "expression": torch.from_numpy(self.targets[i])}
+        item = {"image": torch.from_numpy(self.patches[i]), "expression": torch.from_numpy(self.targets[i])}
+        if self.neighbours is not None:
+            index = self.neighbours[i]
+            padding = index < 0
+            patches = self.pool[np.where(padding, 0, index)]  # a copy: padded slots are blanked below
+            patches[padding] = 0
+            item["neighbours"] = torch.from_numpy(patches)
+            item["neighbour_mask"] = torch.from_numpy(padding)
+        return item
+
+
+def neighbour_rows(positions_um, groups, config, *, n: int, what: str) -> np.ndarray:
+    """Neighbour index ``(n, K)`` (``-1`` padding) of the spots for a model with neighbour attention, checked.
+
+    Neighbours are the ``config.max_neighbours`` nearest spots of the same group within
+    ``config.neighbour_radius_um`` (:func:`st_from_he.models._context.neighbour_index`). Raises when the positions
+    are missing or malformed, or when no spot has a neighbour (the attention would have nothing to attend to).
+    ``what`` names the spots in messages (e.g. ``"training spots"``).
+    """
+    from scipy.spatial import cKDTree
+
+    from st_from_he.models._context import neighbour_index
+
+    if positions_um is None:
+        raise ValueError(
+            f"This model attends over neighbouring spots (`neighbour_attention=True`), so it needs the centre of each "
+            f"of the {what} in micrometres: pass `positions_um=` (n, 2), e.g. the pixel coordinates times the "
+            f"image's micrometres per pixel, or pass the PatchDataset of `sth.pp.extract_patches`, which has them."
+        )
+    positions_um = np.asarray(positions_um, dtype=np.float64)
+    if positions_um.shape != (n, 2):
+        raise ValueError(
+            f"`positions_um` must give the centre (x, y) in micrometres of each of the {n} {what}, shape ({n}, 2); "
+            f"got shape {positions_um.shape}."
+        )
+    radius = config.neighbour_radius_um
+    index = neighbour_index(positions_um, groups, radius_um=radius, max_neighbours=config.max_neighbours)
+    if index.shape[1] == 0:
+        nearest = np.inf
+        codes = np.zeros(n, dtype=int) if groups is None else pd.factorize(np.asarray(groups))[0]
+        for code in np.unique(codes):
+            members = positions_um[codes == code]
+            if len(members) > 1:
+                nearest = min(nearest, float(cKDTree(members).query(members, k=2)[0][:, 1].min()))
+        found = f"the closest two are {nearest:.0f} um apart" if np.isfinite(nearest) else "no section has two spots"
+        raise ValueError(
+            f"No neighbours possible: none of the {n} {what} has another spot of its section within "
+            f"`neighbour_radius_um`={radius:g} um ({found}), so the neighbour attention (`neighbour_attention=True`) "
+            f"would have nothing to attend to. Raise `neighbour_radius_um` above the spot spacing (legacy ST: 200 um "
+            f"between spots, 350 takes the 8 around a spot; Visium: 100 um, 110 takes the 6), check that "
+            f"`positions_um` are in micrometres, or set `neighbour_attention=False`."
+        )
+    return index
 
 
 @contextlib.contextmanager
@@ -164,8 +228,16 @@ def train(
     progress_bar: bool,
     patience: int | None,
     max_time: float | None = None,
+    neighbours: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> tuple[pd.DataFrame, int]:
-    """Fit ``module`` and load its best weights; returns the history and the best epoch."""
+    """Fit ``module`` and load its best weights; returns the history and the best epoch.
+
+    ``train_data`` and ``val_data`` are ``(patches, targets)``. ``neighbours`` (for modules with neighbour
+    attention): ``(pool, train_index, val_index)``, the index arrays ``(n, K)`` giving for each training and
+    validation spot the rows of ``pool`` (uint8 patches) of its neighbours, ``-1`` for padding; each batch then
+    carries ``"neighbours"`` (normalised like the images) and ``"neighbour_mask"``. Without it, batches hold
+    ``"image"`` and ``"expression"`` only.
+    """
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -179,18 +251,21 @@ def train(
         batch = torch.utils.data.default_collate(items)
         if not vectors:
             batch["image"] = normalise_images(batch["image"], mean, std)
+            if "neighbours" in batch:
+                batch["neighbours"] = normalise_images(batch["neighbours"], mean, std)
         return batch
 
     loader_args = {"batch_size": batch_size, "num_workers": settings.num_workers, "collate_fn": collate}
     # drop_last keeps a lone last spot from making a one-element contrastive batch
+    pool, train_nb, val_nb = (None, None, None) if neighbours is None else neighbours
     train_loader = DataLoader(
-        _SpotDataset(*train_data),
+        _SpotDataset(*train_data, train_nb, pool),
         shuffle=True,
         generator=generator,
         drop_last=len(train_data[0]) > batch_size,
         **loader_args,
     )
-    val_loader = DataLoader(_SpotDataset(*val_data), shuffle=False, **loader_args)
+    val_loader = DataLoader(_SpotDataset(*val_data, val_nb, pool), shuffle=False, **loader_args)
     use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     callbacks = _make_callbacks(patience)
     with _quiet_lightning():
