@@ -103,7 +103,7 @@ def test_centring_keeps_a_sections_spread(patches):
     np.testing.assert_allclose(c_wide[c6][:, varying].std(0), 2 * c[c6][:, varying].std(0), rtol=1e-3)
     # each section is centred on its own mean either way
     np.testing.assert_allclose(c[c6].mean(0), c[~c6].mean(0), atol=1e-3)
-    with pytest.raises(ValueError, match="'zscore' \\(or True\\), 'centre' or False"):
+    with pytest.raises(ValueError, match="'zscore' \\(or True\\), 'centre', 'hybrid' or False"):
         RidgeProbe("handcrafted", per_section="median")
 
 
@@ -143,3 +143,35 @@ def test_default_probe_needs_each_slides_glass(sections, patches):
         sth.tl.ExpressionModel(genes, preset="ridge", neighbour_smoothing=1.5)
     with pytest.raises(ValueError, match=r"`neighbour_smoothing` must be a weight in \[0, 1\]"):
         sth.tl.ExpressionModel(genes, neighbour_smoothing=-0.1)
+
+
+def test_hybrid_z_scores_only_the_structure_features(patches):
+    from st_from_he.models._handcrafted import (
+        N_BLOB,
+        N_HANDCRAFTED,
+        handcrafted_features,
+        stain_blob_features,
+        structure_columns,
+    )
+    from st_from_he.tl._baselines import RidgeProbe
+
+    idx = np.flatnonzero(np.isin(patches.samples, ["C5", "C6"]))
+    x = patches[idx]
+    assert handcrafted_features(x[:2]).shape[1] == 2 * N_HANDCRAFTED  # the layout structure_columns assumes
+    assert stain_blob_features(x[:2]).shape[1] == 2 * N_BLOB
+    mask = structure_columns(2 * (N_HANDCRAFTED + N_BLOB), blobs=True)
+    assert mask.sum() == 2 * (7 + N_BLOB) and not mask[:29].any() and mask[29:36].all()
+    groups = patches.samples[idx]
+    targets = np.random.default_rng(0).normal(size=(len(idx), 3))
+    probe = RidgeProbe("handcrafted+blobs", per_section="hybrid").fit(x, targets, groups)
+    raw = probe.featurize(x)
+    c6 = groups == "C6"
+    wide = raw.copy()  # C6's features spread twice as wide, as a sharper scan's texture would
+    wide[c6] = raw[c6].mean(0) + 2 * (raw[c6] - raw[c6].mean(0))
+    out_wide, out = probe.predict_features(wide, groups)[1], probe.predict_features(raw, groups)[1]
+    varying = raw[c6].std(0) > 1e-2 * np.abs(raw[c6]).mean(0)
+    structure, colour = mask & varying, ~mask & varying
+    np.testing.assert_allclose(out_wide[c6][:, structure], out[c6][:, structure], atol=1e-3)  # z-scored
+    np.testing.assert_allclose(out_wide[c6][:, colour].std(0), 2 * out[c6][:, colour].std(0), rtol=1e-3)  # centred
+    with pytest.raises(ValueError, match="hybrid'` applies to hand-crafted features"):
+        sth.tl.ExpressionModel(["ERBB2"], preset="ridge_encoder", per_section="hybrid")

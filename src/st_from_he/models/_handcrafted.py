@@ -10,6 +10,12 @@ _HED_FROM_RGB = np.linalg.inv(
     np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=np.float64)
 ).astype(np.float32)
 _BACKGROUND = 220  # grey level above which a pixel is glass, not tissue
+N_HANDCRAFTED = 36
+"""Columns of :func:`handcrafted_features` per context scale: 25 colour statistics (RGB, haematoxylin, eosin), 4 of
+tissue composition, then the nucleus-like blob count and 6 texture energies."""
+_N_COLOUR_COMPOSITION = 29
+N_BLOB = 12
+"""Columns of :func:`stain_blob_features` per context scale."""
 
 
 def _stats(x: np.ndarray) -> list[np.ndarray]:
@@ -67,6 +73,21 @@ def handcrafted_features(patches: np.ndarray) -> np.ndarray:
         lap = np.abs(_laplacian(img)).reshape(n, -1)
         features += [grad.mean(1), grad.std(1), lap.mean(1)]
     return np.stack(features, axis=1).astype(np.float32)
+
+
+def structure_columns(n_columns: int, blobs: bool) -> np.ndarray:
+    """Which feature columns measure structure whose size in pixels the image's resolution and focus change.
+
+    For features laid out as the default probe's: :func:`handcrafted_features` of every scale, then (``blobs``)
+    :func:`stain_blob_features` of every scale. The blob count, the texture energies and the blob responses are
+    ``True``; colour and composition statistics, which blur leaves about unchanged, are ``False``.
+    """
+    per_scale = N_HANDCRAFTED + (N_BLOB if blobs else 0)
+    if n_columns % per_scale:
+        raise ValueError(f"{n_columns} feature columns are not a whole number of scales of {per_scale}.")
+    hand = np.arange(N_HANDCRAFTED) >= _N_COLOUR_COMPOSITION
+    scales = n_columns // per_scale
+    return np.concatenate([np.tile(hand, scales), np.ones(N_BLOB * scales if blobs else 0, bool)])
 
 
 def _laplacian(img: np.ndarray) -> np.ndarray:

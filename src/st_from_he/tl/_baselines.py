@@ -55,13 +55,18 @@ class RidgeProbe:
         :meth:`predict_features`) with that section's own mean and standard deviation before the ridge, and fit each
         gene's expression z-scored within its training section. ``"centre"``: subtract each section's own feature
         mean but divide by the standard deviation pooled over the training spots (the expression is z-scored within
-        sections as with ``"zscore"``). ``False``: the features and expression as they are. A spot's prediction then depends on the other spots of its section given in the same
+        sections as with ``"zscore"``). ``"hybrid"`` (hand-crafted features only): centre the colour and composition
+        features, z-score the texture and blob features, whose spread the image's resolution and focus scale (see
+        :func:`~st_from_he.models._handcrafted.structure_columns`). ``False``: the features and expression as they
+        are. A spot's prediction then depends on the other spots of its section given in the same
         call (their feature statistics), never on the batching or the order of the spots. Per-gene correlations within a section are blind to section-wide shifts: this removes
         the ones that stain, scanner and resolution put into the features, and weighs every training section
         equally for every gene. Z-scoring also assumes every section holds the same mix of tissue: true of serial
         sections of one patient, false across patients (a fatty section's wider spread of features is squeezed onto
         a tumour-dense one's), which centring keeps (cross-patient HVG PCC 0.07 z-scored, 0.11 centred, the same
-        within a patient). Sections to predict with fewer than :data:`MIN_SECTION_SPOTS` spots (training
+        within a patient). Centring keeps, however, the narrower spread of texture features that a blurrier or
+        coarser image gives; ``"hybrid"`` z-scores those alone (cross-patient HVG PCC at 4.6x lower resolution 0.04
+        centred, 0.11 hybrid; ``benchmarks/results/probe_variants.md``). Sections to predict with fewer than :data:`MIN_SECTION_SPOTS` spots (training
         sections: fewer than :data:`MIN_TRAINING_SECTION_SPOTS`) fall back to the statistics pooled over the
         training spots; the expression is standardised only if every training section has
         :data:`MIN_SECTION_SPOTS` spots (with fewer, the noisy per-section scales cost more than they give:
@@ -100,6 +105,8 @@ class RidgeProbe:
             raise ValueError(
                 "`lowres` blurs image patches; it does not apply to cached embeddings (`features='X_...'`)."
             )
+        if hybrid_needs_handcrafted(per_section, features):
+            raise ValueError(f"`per_section='hybrid'` applies to hand-crafted features, not to {features!r}.")
         if white_balance and features not in ("handcrafted", "handcrafted+blobs"):
             raise ValueError(f"`white_balance` applies to hand-crafted features, not to {features!r}.")
         if rank is not None and rank < 1:
@@ -265,7 +272,7 @@ class RidgeProbe:
             return self
         scale = np.ones(targets.shape[1])
         if self.per_section:
-            state |= {"pooled_mean": x.mean(0), "pooled_std": x.std(0) + 1e-6}
+            state |= {"pooled_mean": x.mean(0), "pooled_std": x.std(0) + 1e-6, "centred": self._centred(x.shape[1])}
             x = self._standardise(x, groups, MIN_TRAINING_SECTION_SPOTS, state)
             if min(np.unique(groups, return_counts=True)[1]) >= MIN_SECTION_SPOTS:
                 # the probe learns each section's z-scores; predictions go back on the typical within-section scale
@@ -301,10 +308,20 @@ class RidgeProbe:
         self.state = state
         return self
 
+    def _centred(self, n_columns: int) -> np.ndarray:
+        """Which feature columns are centred (not z-scored) within sections, as :attr:`per_section` says."""
+        if self.per_section == "hybrid":
+            from st_from_he.models._handcrafted import structure_columns
+
+            return ~structure_columns(n_columns, blobs=self.features == "handcrafted+blobs")
+        return np.full(n_columns, self.per_section == "centre")
+
     def _standardise(self, x: np.ndarray, groups: np.ndarray, min_spots: int, state) -> np.ndarray:
-        """Features standardised within each section as :attr:`per_section` says (z-scored or centred)."""
+        """Features standardised within each section as :attr:`per_section` says (z-scored, centred or both)."""
         pooled = state["pooled_mean"], state["pooled_std"]
-        return _standardise_sections(x, groups, min_spots, *pooled, centre_only=self.per_section == "centre")
+        centred = state.get("centred")
+        centred = self._centred(x.shape[1]) if centred is None else np.asarray(centred, bool)  # older saves: z-scored
+        return _standardise_sections(x, groups, min_spots, *pooled, centre_only=centred)
 
     def _blurred_features(self, patches: np.ndarray, glass=None, batch_size: int = 256) -> np.ndarray:
         """Features of uint8 patches ``(n, [s,] 3, h, w)``, each blurred by a factor log-uniform in ``[1, lowres]``.
@@ -397,7 +414,13 @@ class RidgeProbe:
         coef = state["coef"]
         if coef.ndim != 2 or coef.shape[1] != genes:
             raise ValueError(f"`coef` has shape {coef.shape}, expected (features, {genes}) for {genes} genes.")
-        for key in ("feature_mean", "feature_std", *(("pooled_mean", "pooled_std") if self.per_section else ())):
+        optional = [k for k in ("centred",) if k in state]  # saves before the per-column choice lack it
+        for key in (
+            "feature_mean",
+            "feature_std",
+            *(("pooled_mean", "pooled_std") if self.per_section else ()),
+            *optional,
+        ):
             if state[key].shape != (coef.shape[0],):
                 raise ValueError(f"`{key}` has shape {state[key].shape}, expected ({coef.shape[0]},) as `coef`.")
 
@@ -419,14 +442,19 @@ def section_mode(per_section) -> str | bool:
     if isinstance(per_section, bool | np.bool_):
         return "zscore" if per_section else False
     if not isinstance(per_section, str):
-        raise TypeError(f"`per_section` must be 'zscore' (or True), 'centre' or False, got {per_section!r}.")
+        raise TypeError(f"`per_section` must be 'zscore' (or True), 'centre', 'hybrid' or False, got {per_section!r}.")
     if per_section in ("True", "zscore"):
         return "zscore"
     if per_section in ("False", ""):
         return False
-    if per_section == "centre":
-        return "centre"
-    raise ValueError(f"`per_section` must be 'zscore' (or True), 'centre' or False, got {per_section!r}.")
+    if per_section in ("centre", "hybrid"):
+        return per_section
+    raise ValueError(f"`per_section` must be 'zscore' (or True), 'centre', 'hybrid' or False, got {per_section!r}.")
+
+
+def hybrid_needs_handcrafted(per_section, features) -> bool:
+    """Whether ``per_section`` is ``"hybrid"`` with features that are not hand-crafted (refused)."""
+    return section_mode(per_section) == "hybrid" and features not in ("handcrafted", "handcrafted+blobs")
 
 
 def _fingerprint(encoder) -> str:
@@ -453,13 +481,13 @@ def _standardise_sections(
     *,
     eps: float = 1e-6,
     scales: bool = False,
-    centre_only: bool = False,
+    centre_only: bool | np.ndarray = False,
 ):
     """Columns of ``x`` z-scored within each group of spots (section).
 
     Groups under ``min_spots`` spots are standardised with ``pooled_mean`` and ``pooled_std``; ``eps`` is added to
-    each group's standard deviation. With ``centre_only``, every group is centred on its own mean but divided by
-    ``pooled_std``. With ``scales``, also return the spot-weighted mean of the standard deviations used (the typical
+    each group's standard deviation. With ``centre_only`` (for every column, or a boolean per column), every group is
+    centred on its own mean but divided by ``pooled_std``. With ``scales``, also return the spot-weighted mean of the standard deviations used (the typical
     within-section scale of each column).
     """
     out = np.empty_like(x, dtype=np.float64)
@@ -470,7 +498,7 @@ def _standardise_sections(
         if rows.sum() >= min_spots:
             # statistics of the sorted columns: the same to the last bit whatever the order of the spots
             block = np.sort(x[rows], axis=0)
-            mean, std = block.mean(0), (pooled_std if centre_only else block.std(0) + eps)
+            mean, std = block.mean(0), np.where(centre_only, pooled_std, block.std(0) + eps)
         else:
             small.append(str(group))
             mean, std = pooled_mean, pooled_std

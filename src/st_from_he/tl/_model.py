@@ -45,10 +45,12 @@ _RIDGE_OPTIONS = frozenset(
         "neighbour_smoothing",
     }
 )
-# The default preset's ridge probe: hand-crafted and blob features of white-balanced patches, centred per section
-# (z-scoring per section squeezes a new patient's different tissue mix: cross-patient HVG PCC 0.07 against 0.11),
+# The default preset's ridge probe: hand-crafted and blob features of white-balanced patches, colour and composition
+# centred per section (z-scoring them squeezes a new patient's different tissue mix), texture and blobs z-scored per
+# section (their spread follows the image's resolution): cross-patient HVG PCC 0.117 / 0.113 at full / 4.6x lower
+# resolution, against 0.058 / 0.053 all z-scored and 0.113 / 0.041 all centred (benchmarks/results/probe_variants.md);
 # reduced-rank (30 axes: 20 to 50 measure the same on the benchmark, 5 is too few).
-_BLEND_PROBE = {"features": "handcrafted+blobs", "per_section": "centre", "rank": 30, "white_balance": True}
+_BLEND_PROBE = {"features": "handcrafted+blobs", "per_section": "hybrid", "rank": 30, "white_balance": True}
 _RIDGE_PREFIX = "ridge_"  # arrays of a neural model's ridge probe, beside its retrieval bank
 _GENES_KEY = "model_genes"  # the genes, also in arrays.npz: a model.json whose genes were edited is refused
 
@@ -61,8 +63,8 @@ class ExpressionModel:
     - ``"default"``: a small CNN over the spot patch and a 3x context patch, trained with the soft-target
       contrastive loss, masked cross-modal reconstruction and a regression head, with colour, stain, zoom and blur
       (lower resolution) augmentation; predictions blend retrieval, regression and a ridge probe on hand-crafted
-      features (of patches white-balanced by their slide's glass colour, centred within each section, also fitted
-      on blurred patches) with weights chosen on validation spots (their informative genes, correlated within each
+      features (of patches white-balanced by their slide's glass colour; colour centred and texture z-scored within
+      each section; also fitted on blurred patches) with weights chosen on validation spots (their informative genes, correlated within each
       section), and are smoothed over each spot's grid neighbours (``neighbour_smoothing=0.5``).
     - ``"cmrc"``: the faithful reference method (ViT tokens, soft-target contrastive loss with tau = 1, masked
       cross-modal reconstruction, ``log(1 + L)`` losses, AdamW 1e-4 / 1e-3, cosine schedule, flips and 90-degree
@@ -109,7 +111,7 @@ class ExpressionModel:
         blurred up to that many times coarser, e.g. ``lowres=4``), ``per_section`` (standardise the features and
         the expression within each section) and ``rank`` (reduced-rank ridge on that many principal axes of the
         expression, e.g. ``rank=30``); the last three are off by default and on in the default preset's probe
-        (which centres: ``per_section="centre"``), as is ``white_balance`` (scale each slide's colours so its glass is
+        (``per_section="hybrid"``: colour and composition centred, texture z-scored), as is ``white_balance`` (scale each slide's colours so its glass is
         grey 242 before the hand-crafted features). ``neighbour_smoothing`` (every preset; 0.5 in the default): the
         weight of the grid neighbours' mean in each prediction.
         ``features="X_<name>"`` (every preset but ``"mean"``): train on the cached embeddings of
@@ -538,7 +540,9 @@ class ExpressionModel:
         if self.blend_ridge:
             from ._baselines import RidgeProbe
 
-            probe = _BLEND_PROBE | ({"features": self.features, "white_balance": False} if self.features else {})
+            # cached embeddings: centred per section (z-scoring their many weak dimensions is unstable), no colours
+            embedded = {"features": self.features, "white_balance": False, "per_section": "centre"}
+            probe = _BLEND_PROBE | (embedded if self.features else {})
             lowres = self.config.augment_lowres if self.features is None else 0.0  # embeddings cannot be blurred
             with timed(f"Fitting the {probe['features']!r} ridge probe on {len(train_idx)} spots"):
                 self._probe = RidgeProbe(lowres=lowres, seed=seed, **probe)
@@ -1328,7 +1332,7 @@ def _blend_weights(blend, model: ExpressionModel) -> dict[str, float] | None:
 
 def _check_ridge_options(config: dict[str, Any]) -> None:
     """Raise naming the option if a ridge preset's options are out of range (before any patch is cut)."""
-    from ._baselines import FEATURE_SETS, is_feature_set, section_mode
+    from ._baselines import FEATURE_SETS, hybrid_needs_handcrafted, is_feature_set
 
     _check_int(config["img_size"], "img_size", 8, "the patch side in pixels, e.g. 112")
     scales = config["context_scales"]
@@ -1349,7 +1353,8 @@ def _check_ridge_options(config: dict[str, Any]) -> None:
         raise ValueError(f"`lowres` must be a blur factor >= 0 (e.g. 4; 0 or 1: off), got {lowres!r}.")
     if is_embedding_key(config["features"]) and lowres > 1:
         raise ValueError("`lowres` blurs image patches; it does not apply to cached embeddings (`features='X_...'`).")
-    section_mode(config.get("per_section", False))  # raises naming the choices
+    if hybrid_needs_handcrafted(config.get("per_section", False), config["features"]):  # also checks the value
+        raise ValueError(f"`per_section='hybrid'` applies to hand-crafted features, not to {config['features']!r}.")
     if not isinstance(config.get("white_balance", False), bool | np.bool_):
         raise TypeError(f"`white_balance` must be True or False, got {config['white_balance']!r}.")
     if config.get("white_balance") and config["features"] not in ("handcrafted", "handcrafted+blobs"):
