@@ -49,9 +49,16 @@ def test_white_balance_brings_glass_to_one_grey(patches):
         white_balance(raw, [0, 200, 200])
 
 
-def test_glass_colour_without_glass_leaves_the_image(caplog):
-    tissue = np.full((3, 64, 64), 120, dtype=np.uint8)
-    np.testing.assert_array_equal(glass_colour(tissue), GLASS_GREY)
+def test_glass_colour_without_glass_leaves_the_image(sections):
+    from st_from_he.pp._patches import image_levels
+
+    dark = np.full((3, 64, 64), 120, dtype=np.uint8)
+    np.testing.assert_array_equal(glass_colour(dark), GLASS_GREY)
+    # the middle of C6 is all tissue: its brighter half is pale tissue, not uniform glass, so it is left as it is
+    coarse = np.asarray(image_levels(sections.images["C6_image"])[-1])
+    h, w = coarse.shape[1:]
+    np.testing.assert_array_equal(glass_colour(coarse[:, h * 2 // 5 : h * 3 // 5, w * 2 // 5 : w * 3 // 5]), GLASS_GREY)
+    assert glass_colour(coarse).mean() > 235  # the whole slide has glass
     with pytest.raises(ValueError, match=r"shape \(3, h, w\)"):
         glass_colour(np.zeros((64, 64, 3), np.uint8))
 

@@ -16,6 +16,8 @@ from st_from_he._logging import logger
 GLASS_GREY = 242.0
 """Grey level every slide's glass is scaled to (the typical glass of a well-exposed brightfield scan)."""
 _MIN_GLASS = 170.0  # darker "glass" means no glass was found (an all-tissue crop, or not a brightfield image)
+_MAX_GLASS_SPREAD = 12.0  # grey levels between the quartiles of the brighter half: glass is uniform (2-3 on her2st
+# slides), pale tissue is not (11-47 in all-tissue crops of the same slides)
 _MAX_SIDE = 4096  # pixels of the longer side the estimate reads at most (a median needs no more)
 
 
@@ -35,8 +37,9 @@ def glass_colour(image) -> np.ndarray:
     Returns
     -------
     float64 array ``(3,)``: the glass colour in RGB. If no glass is found (the brighter half is darker than grey
-    170: a crop that is all tissue, or not a brightfield image), a warning is logged and ``GLASS_GREY`` is returned
-    for every channel, so that white balance leaves the image unchanged.
+    170, or not uniform: more than 12 grey levels between its quartiles, as in a crop that is all tissue, or not a
+    brightfield image), a warning is logged and ``GLASS_GREY`` is returned for every channel, so that white balance
+    leaves the image unchanged.
 
     Examples
     --------
@@ -53,12 +56,17 @@ def glass_colour(image) -> np.ndarray:
     step = max(1, int(np.ceil(max(image.shape[1:]) / _MAX_SIDE)))
     pixels = image[:, ::step, ::step].reshape(3, -1).astype(np.float64)
     grey = pixels.mean(0)
-    glass = np.median(pixels[:, grey >= np.median(grey)], axis=1)
-    if glass.mean() < _MIN_GLASS:
+    bright = grey >= np.median(grey)
+    glass = np.median(pixels[:, bright], axis=1)
+    low, high = np.percentile(grey[bright], [25, 75])
+    if glass.mean() < _MIN_GLASS or high - low > _MAX_GLASS_SPREAD:
         logger.warning(
-            "No glass found on the slide (its brighter half is RGB %s, darker than grey %g): it is not white "
-            "balanced. Is it a brightfield H&E image, and does it show glass around the tissue?",
-            tuple(np.round(glass).astype(int)),
+            "No glass found on the slide (its brighter half is RGB %s, grey %d to %d between its quartiles; glass "
+            "is brighter than %g and uniform): it is not white balanced. Is it a brightfield H&E image, and does it "
+            "show glass around the tissue (not a crop of tissue only)?",
+            tuple(int(v) for v in np.round(glass)),
+            low,
+            high,
             _MIN_GLASS,
         )
         return np.full(3, GLASS_GREY)
