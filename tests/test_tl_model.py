@@ -161,6 +161,12 @@ def test_default_preset_blends_regression_retrieval_and_ridge(tmp_path, split, g
     # predictions retrieve from every measured spot (validation spots join the bank once the blend is chosen)
     info = model.training_info
     assert len(model._bank["expression"]) == info["n_train_spots"] + info["n_val_spots"]
+    # and so does the probe, refitted on every spot once the blend has weighed it on the validation spots
+    if model.blend["ridge"] > 0:
+        assert info["probe_spots"] == info["n_train_spots"] + info["n_val_spots"]
+        assert model._probe.state["feature_mean"].shape == (2 * (36 + 12),)  # hand-crafted + blobs, 2 scales
+    assert model._probe.per_section == "hybrid" and model._probe.white_balance
+    assert model.neighbour_smoothing == 0.5
     assert model._probe.lowres == model.config.augment_lowres == 4.0  # the probe is trained on blurred copies too
     # the blend is scored on the validation spots' 50 most variable and 50 most expressed genes: here all 40
     assert info["blend_genes"] == len(genes)
