@@ -13,7 +13,8 @@ of the best validation epoch; their mixed precision and their unused EMA copy ar
 
 Both sides get the same training spots (a seeded subsample of every training section), the same genes (union of
 per-section HVGs of the training sections only: the authors' list also takes the test sections' HVGs, which we do not
-copy), the same targets (the package's log1p CP10k; the authors' own are per-section median-normalised then log1p),
+copy), the same targets (the authors' ``normalize_total`` to each section's median total then log1p, which the
+``"cmrc"`` preset now uses: ``ModelConfig.target_sum="median"``),
 20% of each section for validation, the same number of epochs of the same 60-epoch cosine schedule, and the same test
 spots of C6, scored by :func:`st_from_he.tl.evaluate` on a prediction table. The two splits round differently (the
 authors keep ``int(0.8 n)`` spots of a section for training, we hold out ``round(0.2 n)``) and both drop an incomplete
@@ -90,14 +91,17 @@ def load_data(data: Path, n_top: int, spots_per_section: int, test_spots: int, s
 
 
 def arrays(sdata, genes, spots):
-    """Our patches (one 224 px scale) and log1p CP10k targets of ``spots``, concatenated over sections."""
+    """Our patches (one 224 px scale) and targets of ``spots`` (each section's counts scaled to its median total,
+    then log1p: the authors' preprocessing), concatenated over sections."""
     from st_from_he.tl._data import as_list, concat_arrays, spot_arrays
 
     parts = []
     for part in as_list(sdata):
         names = part.tables["table"].obs_names
         chosen = names[names.isin(spots)]
-        parts.append(spot_arrays(part, genes, size_um=112.0, size_px=224, context=(1.0,), spots=chosen))
+        parts.append(
+            spot_arrays(part, genes, size_um=112.0, size_px=224, context=(1.0,), spots=chosen, target_sum="median")
+        )
     return concat_arrays(parts)
 
 
@@ -265,7 +269,7 @@ def report(results: pd.DataFrame, args) -> str:
     lines += [
         "",
         "Known differences kept: our gene list uses the training sections only (theirs also the test sections' HVGs);",
-        "both sides use log1p CP10k targets (the authors' preprocessing normalises to each section's median total);",
+        "both sides use the authors' targets (each section's counts scaled to its median total, then log1p);",
         "no mixed precision and no EMA copy on either side (CPU).",
         "",
         "Per run:",
