@@ -7,12 +7,13 @@ Neighbours are the spots of the same section within ``--radius`` micrometres (de
 (8). Genes are chosen as in ``accuracy.py`` (union of per-section top-``n_top`` HVGs of the training sections plus the
 breast markers, kept if measured in the test section). Each fit reports the blended prediction, the network alone
 (regression head and retrieval, their blend weights renormalised) and the ridge probe alone (which does not see
-neighbours: a control for run-to-run noise), scored by :func:`st_from_he.tl.evaluate`. Both runs share ``--budget-s``
+neighbours: a control, identical in both runs of a seed), scored by :func:`st_from_he.tl.evaluate`. Both runs share ``--budget-s``
 training seconds, so the neighbour model, whose steps also encode up to 8 neighbour patches per spot, trains fewer
 epochs: the question is whether it helps at the same compute.
 
-Run: ``python benchmarks/neighbours.py [--data ../shared/data/her2st] [--budget-s 150] [--seeds 0]``. Writes
-``benchmarks/results/neighbours.csv`` and ``benchmarks/results/neighbours.md``.
+Run: ``python benchmarks/neighbours.py [--data ../shared/data/her2st] [--budget-s 150] [--seeds 0 1]``. Writes
+``benchmarks/results/neighbours.csv`` and ``benchmarks/results/neighbours.md``; ``--from-csv A.csv B.csv`` only
+rewrites them from earlier runs' CSVs (e.g. one per seed).
 """
 
 from __future__ import annotations
@@ -90,21 +91,42 @@ def run(args) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean HVG/HEG/markers PCC over seeds per fold and prediction, attention off and on, and on minus off."""
+    scores = ["pcc_hvg", "pcc_heg", "pcc_markers"]
+    mean = df.groupby(["fold", "prediction", "neighbour_attention"])[scores].mean().unstack("neighbour_attention")
+    out = pd.DataFrame(index=mean.index)
+    for s in scores:
+        out[f"{s} off"] = mean[(s, False)]
+        out[f"{s} on"] = mean[(s, True)]
+        out[f"{s} on - off"] = mean[(s, True)] - mean[(s, False)]
+    epochs = df.groupby(["fold", "neighbour_attention"])["epochs"].mean().unstack("neighbour_attention")
+    out["epochs off / on"] = [f"{epochs.loc[f, False]:.1f} / {epochs.loc[f, True]:.1f}" for f, _ in out.index]
+    return out.reset_index()
+
+
 def report(df: pd.DataFrame, args) -> str:
     table = df.copy()
     for s in SCORES:
         table[s] = table[s].map(lambda v: f"{v:.3f}")
     columns = ["fold", "seed", "neighbour_attention", "prediction", *SCORES, "epochs", "best_epoch", "fit_s", "blend"]
+    genes = ", ".join(f"{f}: {n}" for f, n in df.groupby("fold", sort=False)["n_genes"].first().items())
     lines = [
         "# Neighbour attention in the default preset",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.processor() or platform.machine()} (CPU), "
         f"`python benchmarks/neighbours.py --budget-s {args.budget_s:g} --radius {args.radius:g} "
-        f"--seeds {' '.join(map(str, args.seeds))}`: the default preset with `neighbour_attention` off and on "
+        f"--seeds {' '.join(map(str, sorted(df['seed'].unique())))}`: the default preset with `neighbour_attention` off and on "
         f"(`neighbour_radius_um={args.radius:g}`, `max_neighbours=8`), same seed and `max_time={args.budget_s:g}` s, "
-        f"{df['n_genes'].iloc[0]} genes or so per fold (training-section HVGs + breast markers). `network` is the "
+        f"genes per fold (training-section HVGs + breast markers) {genes}. `network` is the "
         "regression head and retrieval alone, `probe` the ridge probe alone (it sees no neighbours: its change between "
-        "the two runs is run-to-run noise of the split and blend choice only).",
+        "the two runs would be noise of the split only; same seed, so none expected).",
+        "",
+        "Mean over seeds (PCC; `on - off` > 0: neighbour attention helps):",
+        "",
+        summary(df).to_markdown(index=False, floatfmt=".3f"),
+        "",
+        "Every fit:",
         "",
         table[columns].to_markdown(index=False),
         "",
@@ -120,8 +142,9 @@ def main() -> None:
     parser.add_argument("--n-top", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--from-csv", nargs="+", help="only rewrite the report from these CSVs (concatenated)")
     args = parser.parse_args()
-    df = run(args)
+    df = pd.concat([pd.read_csv(f) for f in args.from_csv]) if args.from_csv else run(args)
     out = Path(args.out)
     df.to_csv(out / "neighbours.csv", index=False)
     (out / "neighbours.md").write_text(report(df, args))
