@@ -7,9 +7,9 @@ Neighbours are the spots of the same section within ``--radius`` micrometres (de
 (8). Genes are chosen as in ``accuracy.py`` (union of per-section top-``n_top`` HVGs of the training sections plus the
 breast markers, kept if measured in the test section). Each fit reports the blended prediction, the network alone
 (regression head and retrieval, their blend weights renormalised) and the ridge probe alone (which does not see
-neighbours: a control, identical in both runs of a seed), scored by :func:`st_from_he.tl.evaluate`. Both runs share ``--budget-s``
-training seconds, so the neighbour model, whose steps also encode up to 8 neighbour patches per spot, trains fewer
-epochs: the question is whether it helps at the same compute.
+neighbours: a control, identical in both runs of a seed), scored by :func:`st_from_he.tl.evaluate`. Both runs share
+``--budget-s`` training seconds, so the neighbour model, whose steps also encode up to 8 neighbour patches per spot,
+trains fewer epochs: the question is whether it helps at the same compute.
 
 Run: ``python benchmarks/neighbours.py [--data ../shared/data/her2st] [--budget-s 150] [--seeds 0 1]``. Writes
 ``benchmarks/results/neighbours.csv`` and ``benchmarks/results/neighbours.md``; ``--from-csv A.csv B.csv`` only
@@ -116,7 +116,8 @@ def report(df: pd.DataFrame, args) -> str:
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {platform.processor() or platform.machine()} (CPU), "
         f"`python benchmarks/neighbours.py --budget-s {args.budget_s:g} --radius {args.radius:g} "
-        f"--seeds {' '.join(map(str, sorted(df['seed'].unique())))}`: the default preset with `neighbour_attention` off and on "
+        f"--seeds {' '.join(map(str, sorted(df['seed'].unique())))}`: the default preset with `neighbour_attention` "
+        "off and on "
         f"(`neighbour_radius_um={args.radius:g}`, `max_neighbours=8`), same seed and `max_time={args.budget_s:g}` s, "
         f"genes per fold (training-section HVGs + breast markers) {genes}. `network` is the "
         "regression head and retrieval alone, `probe` the ridge probe alone (it sees no neighbours: its change between "

@@ -43,9 +43,9 @@ class ExpressionModule(L.LightningModule):
 
     Image features are the encoder's mean token per scale, fused over scales and projected to ``proj_dim``; the
     neighbour attention then mixes in the projected neighbour features. A batch without neighbours gives the
-    embedding without context (as if every neighbour slot were padding); training such a module refuses it. The reconstruction target is the spot's
-    own projected embedding (before neighbour attention), gradient stopped (see
-    :func:`~st_from_he.models.reconstruction_loss`).
+    embedding without context (as if every neighbour slot were padding); training such a module refuses it. The
+    reconstruction target is the spot's own projected embedding (before neighbour attention), gradient stopped
+    unless ``config.recon_stop_grad`` is ``False`` (see :func:`~st_from_he.models.reconstruction_loss`).
 
     Parameters
     ----------
