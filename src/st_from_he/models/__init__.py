@@ -5,7 +5,7 @@ This subpackage knows tensors only; :mod:`st_from_he.tl` translates between Spat
 
 from ._augment import BatchAugment, lower_resolution
 from ._config import ModelConfig
-from ._context import MultiScaleFusion, NeighbourAttention
+from ._context import MultiScaleFusion, NeighbourAttention, neighbour_index
 from ._encoders import ImageEncoder, TinyCNN, VectorEncoder, load_encoder_weights
 from ._foundation import (
     FOUNDATION_ENCODERS,
@@ -52,6 +52,7 @@ __all__ = [
     "combine_losses",
     "load_encoder_weights",
     "lower_resolution",
+    "neighbour_index",
     "reconstruction_loss",
     "random_patch_mask",
     "retrieve",

@@ -92,7 +92,9 @@ class ModelConfig:
     neighbour_attention
         Let each spot's image embedding attend over its neighbours' embeddings (extension, default off).
     neighbour_radius_um
-        Radius in micrometres within which :mod:`st_from_he.tl` collects neighbours.
+        Radius in micrometres within which :mod:`st_from_he.tl` collects neighbours (of the same section, nearest
+        first, at most ``max_neighbours``). The default 150 takes the 6 around a Visium spot (100 um apart); legacy
+        ST (200 um apart, jittered centres) needs about 350 for its 8.
     max_neighbours
         Most neighbours per spot given to the neighbour attention.
     target_sum

@@ -963,7 +963,7 @@ class ExpressionModel:
         if self.features is not None:  # embedding vectors, float32 (b, d)
             return np.ascontiguousarray(patches[start:stop], dtype=np.float32)
         if isinstance(patches, np.ndarray):
-            batch = patches[start:stop]
+            batch = np.ascontiguousarray(patches[start:stop])  # views with negative strides cannot go to torch
         else:
             batch = np.stack([np.asarray(patches[i]) for i in range(start, stop)])
         batch = batch[:, None] if batch.ndim == 4 else batch
