@@ -371,3 +371,17 @@ def test_per_section_probe_ignores_section_wide_expression_shifts(her2st_small, 
     finally:
         logger.removeHandler(caplog.handler)
     assert "the expression is not standardised per section" in caplog.text
+
+
+def test_too_few_validation_spots_weigh_the_components_equally(split, genes):
+    """A 40-spot few-shot fit keeps 4 for validation: too few to choose blend weights on, so none is preferred."""
+    spots = list(split[0].tables["table"].obs_names[:40])
+    model = sth.tl.ExpressionModel(genes, preset="default", **TINY).fit(
+        split[0], spots=spots, max_epochs=1, progress_bar=False
+    )
+    assert model.training_info["n_val_spots"] < 10
+    assert set(model.blend) == {"regression", "retrieval", "ridge"}
+    np.testing.assert_allclose(list(model.blend.values()), 1 / 3)
+    patches = sth.pp.extract_patches(split[1], size_um=model.size_um, size_px=model.size_px, context=model.context)
+    expression = model.predict_patches(patches, progress_bar=False)[0]
+    assert expression.std(0).max() > 0  # spots still differ (retrieval of the whole bank alone would not)

@@ -52,6 +52,9 @@ _RIDGE_OPTIONS = frozenset(
 # reduced-rank (30 axes: 20 to 50 measure the same on the benchmark, 5 is too few).
 _BLEND_PROBE = {"features": "handcrafted+blobs", "per_section": "hybrid", "rank": 30, "white_balance": True}
 _RIDGE_PREFIX = "ridge_"  # arrays of a neural model's ridge probe, beside its retrieval bank
+# Fewest validation spots to choose blend weights on; with fewer, the components are weighed equally (on 5 spots of a
+# 50-spot few-shot fit, the choice went all to retrieval, whose top 50 of a 50-spot bank is one constant profile)
+MIN_BLEND_SPOTS = 10
 _GENES_KEY = "model_genes"  # the genes, also in arrays.npz: a model.json whose genes were edited is refused
 
 
@@ -592,7 +595,7 @@ class ExpressionModel:
             progress_bar=False,
         )
         names = list(parts)
-        if len(names) == 1 or len(val_idx) < 3:
+        if len(names) == 1 or len(val_idx) < MIN_BLEND_SPOTS:
             return {name: 1 / len(names) for name in names}
         val = data.subset(val_idx)
         genes = informative_genes(val.targets, BLEND_GENES)
