@@ -73,6 +73,16 @@ def glass_colour(image) -> np.ndarray:
     return glass
 
 
+def glass_per_patch(glass, n: int) -> np.ndarray:
+    """``glass`` as one RGB colour per patch ``(n, 3)``: one colour ``(3,)`` is repeated; other shapes raise."""
+    glass = np.asarray(glass, dtype=np.float64)
+    if glass.shape == (3,):
+        glass = np.tile(glass, (n, 1))
+    if glass.shape != (n, 3):
+        raise ValueError(f"`glass` must be one RGB colour (3,) or one per patch ({n}, 3), got {glass.shape}.")
+    return glass
+
+
 def white_balance(patches: np.ndarray, glass) -> np.ndarray:
     """Patches with each channel scaled so that the glass of their slide comes out at grey :data:`GLASS_GREY`.
 
@@ -88,13 +98,7 @@ def white_balance(patches: np.ndarray, glass) -> np.ndarray:
     uint8 array of the same shape (values clipped to 0-255); ``patches`` is not modified.
     """
     patches = np.asarray(patches)
-    glass = np.asarray(glass, dtype=np.float64)
-    if glass.shape == (3,):
-        glass = np.broadcast_to(glass, (len(patches), 3))
-    if glass.shape != (len(patches), 3):
-        raise ValueError(
-            f"`glass` must be one RGB colour (3,) or one per patch ({len(patches)}, 3), got {glass.shape}."
-        )
+    glass = glass_per_patch(glass, len(patches))
     if not np.all(np.isfinite(glass)) or np.any(glass <= 0):
         raise ValueError("`glass` colours must be positive and finite (RGB in 0-255).")
     gain = (GLASS_GREY / glass).reshape(len(patches), *([1] * (patches.ndim - 4)), 3, 1, 1)

@@ -162,12 +162,9 @@ class RidgeProbe:
                 "colour of each patch's slide (`glass`): cut the patches with `sth.pp.extract_patches` and pass its "
                 "PatchDataset (which knows each slide's glass), or `glass=patches.glass_per_spot()`."
             )
-        glass = np.asarray(glass, dtype=np.float64)
-        if glass.shape == (3,):
-            glass = np.tile(glass, (n, 1))
-        if glass.shape != (n, 3):
-            raise ValueError(f"`glass` must be one RGB colour (3,) or one per patch ({n}, 3), got {glass.shape}.")
-        return glass
+        from st_from_he.models._white_balance import glass_per_patch
+
+        return glass_per_patch(glass, n)
 
     def _encoder_features(self, patches: np.ndarray, batch_size: int) -> np.ndarray:
         import torch

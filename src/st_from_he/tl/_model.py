@@ -929,13 +929,10 @@ class ExpressionModel:
         progress_bar = settings.progress_bar if progress_bar is None else progress_bar
         if not len(patches):
             raise ValueError("`patches` is empty: there is nothing to predict.")
-        if glass is not None:  # one colour for all, or one per patch
-            glass = np.asarray(glass, dtype=np.float64)
-            glass = np.tile(glass, (len(patches), 1)) if glass.shape == (3,) else glass
-            if glass.shape != (len(patches), 3):
-                raise ValueError(
-                    f"`glass` must be one RGB colour (3,) or one per patch ({len(patches)}, 3), got {glass.shape}."
-                )
+        if glass is not None:  # one colour for all, or one per patch (sliced per batch below)
+            from st_from_he.models._white_balance import glass_per_patch
+
+            glass = glass_per_patch(glass, len(patches))
         if not self.is_neural:
             features = [
                 self._probe.featurize(
