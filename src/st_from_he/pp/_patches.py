@@ -465,6 +465,11 @@ class PatchDataset:
                 self._glass[sample] = section.glass()
         return dict(self._glass)
 
+    def spatial_um(self) -> np.ndarray:
+        """Spot centres ``(n, 2)`` in micrometres (:attr:`spatial` times each section's micrometres per pixel)."""
+        pixel_size = np.array([self.pixel_size_um[s] for s in self.samples], dtype=float)
+        return self.spatial * pixel_size[:, None]
+
     def glass_per_spot(self) -> np.ndarray:
         """The glass colour of each item's slide, ``(n, 3)`` (see :attr:`glass`)."""
         glass = self.glass

@@ -144,8 +144,7 @@ def spot_arrays(
     targets = measured_targets(
         table, genes, fill_missing_genes=fill_missing_genes, where=f" {table_key!r}", target_sum=target_sum
     )[idx]
-    pixel_size = np.array([dataset.pixel_size_um[s] for s in dataset.samples], dtype=float)
-    positions_um = dataset.spatial * pixel_size[:, None]  # pixels of each section's image -> micrometres
+    positions_um = dataset.spatial_um()
     return SpotArrays(patches, obs.iloc[idx], targets, dataset.glass_per_spot()[idx], positions_um[idx])
 
 

@@ -765,9 +765,7 @@ class ExpressionModel:
         if isinstance(patches, PatchDataset):
             groups = patches.samples if groups is None else groups
             positions = patches.spatial if positions is None else positions
-            if positions_um is None:
-                pixel_size = np.array([patches.pixel_size_um[s] for s in patches.samples], dtype=float)
-                positions_um = patches.spatial * pixel_size[:, None]
+            positions_um = patches.spatial_um() if positions_um is None else positions_um
             if glass is None and self._probe is not None and self._probe.white_balance:
                 glass = patches.glass_per_spot()
         return self._predict(
