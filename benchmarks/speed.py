@@ -3,13 +3,16 @@
 Run: ``python benchmarks/speed.py [--data ../shared/data/her2st] [--epochs 2]``. On this project's CI-class machine
 (2 CPU cores, no GPU) it prints, per preset, the training seconds per epoch on the five training sections and the
 inference throughput in spots per second, each with its ratio to the faithful reference (``cmrc``) measured in the
-same run; then the wall time and peak memory of predicting a whole her2st image used as H&E-only on a 100 um grid.
-Results are also written to ``benchmarks/results/speed.md``.
+same run; then the wall time and peak memory of predicting a whole her2st image used as H&E-only on a 100 um grid;
+then the wall time of the demo (README's first command, after installation) and of ``demo --quick``, against the
+10-minute and 2-minute targets. ``--no-demo`` leaves the demo out. Results are also written to
+``benchmarks/results/speed.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import subprocess
 import sys
@@ -17,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 HERE = Path(__file__).parent
 
@@ -74,6 +78,24 @@ def whole_slide(data: str, model_dir: str) -> dict:
     return {"spots": n, "wall_s": wall, "spots_per_s": n / wall, "peak_rss_mb": peak_mb}
 
 
+def demo(data: str, quick: bool) -> dict:
+    """Wall time and peak memory of ``python -m st_from_he demo`` (``--quick``) in a fresh process."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "st_from_he", "demo", "--data", data, "--out", out]
+        start = time.perf_counter()
+        child = subprocess.Popen(command + (["--quick"] if quick else []), stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own peak memory, not the benchmark's other runs
+        wall = time.perf_counter() - start
+        if status:
+            raise RuntimeError(f"The demo failed (exit status {status}): run {' '.join(command)} to see why.")
+        scores = pd.read_csv(Path(out) / "scores.csv")
+    peak_mb = usage.ru_maxrss / 1024
+    hvg = dict(zip(scores["method"], scores["pcc_hvg"], strict=True))
+    return {"wall_s": wall, "peak_rss_mb": peak_mb, "hvg": hvg}
+
+
 def _in_subprocess(func: str, *args: str) -> dict:
     """Run one measurement in a fresh process, so peak memory and imports are its own."""
     code = (
@@ -91,6 +113,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--n-spots", type=int, default=300, help="training spots (0: all); epoch time scales with it")
     parser.add_argument("--presets", nargs="+", default=["cmrc", "default", "ridge"])
+    parser.add_argument("--no-demo", action="store_true", help="do not time the demo")
     args = parser.parse_args()
 
     import tempfile
@@ -126,6 +149,23 @@ def main() -> None:
         f"{slide['wall_s']:.1f} s ({slide['spots_per_s']:.0f} spots/s), peak memory {slide['peak_rss_mb']:.0f} MB "
         "(process RSS, including Python, torch and the decoded JPEG).",
     ]
+    if not args.no_demo:
+        lines += [
+            "",
+            "The demo (`python -m st_from_he demo`, README's first command, after installation; default preset, up to "
+            "20 epochs with early stopping, then the ridge baseline, scores, figures, zarr), each in a fresh process:",
+            "",
+            "| run | wall time | target | within | HVG PCC on C6 (default / ridge) | peak RSS (MB) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, quick, target in (("demo", False, 600), ("demo --quick", True, 120)):
+            r = demo(args.data, quick)
+            lines.append(
+                f"| `{name}` | {r['wall_s'] / 60:.1f} min | {target / 60:.0f} min | "
+                f"{'yes' if r['wall_s'] <= target else 'NO'} ({r['wall_s'] / target:.2f} of it) | "
+                f"{r['hvg'].get('default', float('nan')):.3f} / {r['hvg'].get('ridge', float('nan')):.3f} | "
+                f"{r['peak_rss_mb']:.0f} |"
+            )
     results = "\n".join(lines)
     print(results)
     (HERE / "results").mkdir(exist_ok=True)

@@ -25,6 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--preset", default="default", help="model preset (default: %(default)s)")
     demo.add_argument("--n-top", type=int, default=1000, help="top HVGs per section in the gene panel")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--quick",
+        action="store_true",
+        help="a two-minute look: 20 s of network training on the top 200 genes per section (lower scores)",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         from ._demo import run_demo
@@ -37,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             preset=args.preset,
             n_top=args.n_top,
             seed=args.seed,
+            quick=args.quick,
         )
     return 0
 
