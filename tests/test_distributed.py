@@ -92,7 +92,7 @@ def test_list_on_local_cluster_equals_single_process(read_slides, model, expecte
             sth.tl.predict_expression(slides, model, shapes_key=SHAPES, client=client, progress_bar=False)
         _assert_same([s.tables[KEY] for s in slides], expected)
         # one task per slide, run by the cluster's workers
-        tasks = [t for t in stream.data if str(t["key"]).startswith("_remote_slide_table")]
+        tasks = [t for t in stream.data if str(t["key"]).startswith("_remote_task")]
         assert len(tasks) == 2 and {t["worker"] for t in tasks} <= set(client.scheduler_info()["workers"])
 
         # one slide with the default client (the explicit opt-in): one task, the same table
@@ -133,3 +133,82 @@ def test_input_errors_are_clear(read_slides, model):
         sth.tl.predict_expression(slides, model, shapes_key=SHAPES)
     assert "slide 1 of the 2" in err.value.__notes__[0]
     assert KEY not in slides[0].tables
+
+
+# ---- embed over many slides ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """Saved weights of the tiny CNN, so that separate calls embed with the same encoder."""
+    import torch
+
+    from st_from_he.models import TinyCNN
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pth"
+    torch.save(TinyCNN().state_dict(), path)
+    return path
+
+
+def _table_slides(read_slides, n: int = 30):
+    """Fresh slides whose tables hold their first ``n`` spots (C6 and C4)."""
+    slides = _slides(read_slides)
+    for slide in slides:
+        table = slide.tables["table"]
+        slide.tables["table"] = table[:n].copy()
+    return slides
+
+
+def test_embed_list_here_and_on_local_cluster_equal_one_by_one(read_slides, tiny_weights):
+    expected = _table_slides(read_slides)
+    for slide in expected:
+        sth.tl.embed(slide, "sth_tinycnn", weights=tiny_weights, progress_bar=False)
+    want = [s.tables["table"].obsm["X_sth_tinycnn"] for s in expected]
+    assert all(w.shape == (30, want[0].shape[1]) and np.isfinite(w).all() for w in want)
+    assert not np.allclose(want[0], want[1])  # two slides, two sets of embeddings
+
+    here = _table_slides(read_slides)
+    sth.tl.embed(here, "sth_tinycnn", weights=tiny_weights, progress_bar=False)
+    for slide, w in zip(here, want, strict=True):
+        np.testing.assert_allclose(slide.tables["table"].obsm["X_sth_tinycnn"], w, rtol=1e-5, atol=1e-6)
+        assert (
+            slide.tables["table"].uns["X_sth_tinycnn"]["params"]
+            == expected[0].tables["table"].uns["X_sth_tinycnn"]["params"]
+        )
+
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.ERROR
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        remote = _table_slides(read_slides)
+        with distributed.get_task_stream(client) as stream:
+            sth.tl.embed(remote, "sth_tinycnn", weights=tiny_weights, client=client, progress_bar=False)
+        for slide, w in zip(remote, want, strict=True):
+            np.testing.assert_allclose(slide.tables["table"].obsm["X_sth_tinycnn"], w, rtol=1e-5, atol=1e-6)
+        assert len([t for t in stream.data if str(t["key"]).startswith("_remote_task")]) == 2
+
+        # a slide that fails in its worker is named, and no slide gets embeddings
+        broken = _table_slides(read_slides)
+        del broken[1].images["C4_image"]
+        with pytest.raises(KeyError, match="No image for section 'C4'") as err:
+            sth.tl.embed(broken, "sth_tinycnn", weights=tiny_weights, client=client, progress_bar=False)
+        assert "slide 1 of the 2" in err.value.__notes__[-1] and "sth.tl.embed" in err.value.__notes__[-1]
+        assert all("X_sth_tinycnn" not in s.tables["table"].obsm for s in broken)
+
+
+def test_embed_list_errors_are_clear(read_slides, tiny_weights):
+    slides = _table_slides(read_slides)
+    sth.tl.embed(slides[1], "sth_tinycnn", weights=tiny_weights, progress_bar=False)
+    before = slides[1].tables["table"].obsm["X_sth_tinycnn"].copy()
+    with pytest.raises(KeyError, match="already has obsm") as err:
+        sth.tl.embed(slides, "sth_tinycnn", weights=tiny_weights, progress_bar=False)
+    assert "slide 1 of the 2 passed to `sth.tl.embed`" in err.value.__notes__[0]
+    assert "X_sth_tinycnn" not in slides[0].tables["table"].obsm  # checked before any work: nothing written
+    np.testing.assert_array_equal(slides[1].tables["table"].obsm["X_sth_tinycnn"], before)
+    with pytest.raises(ValueError, match="empty list of slides"):
+        sth.tl.embed([], "sth_tinycnn")
+    with pytest.raises(TypeError, match="`client` of `sth.tl.embed` must be"):
+        sth.tl.embed(slides[0], "sth_tinycnn", client="localhost:8786")

@@ -1,4 +1,4 @@
-"""`predict_expression` over many slides: one after the other here, or one task per slide on a dask cluster."""
+"""Work over many slides (`predict_expression`, `embed`): one after the other here, or one task per slide on dask."""
 
 from __future__ import annotations
 
@@ -39,13 +39,13 @@ def predict_slides(
     predictions, so a failure on any slide leaves all of them untouched.
     """
     client = resolve_client(client)
-    slides = _check_slides(slides)
+    slides = check_slides(slides)
     shapes_keys = _per_slide(shapes_key, len(slides))
     progress_bar = settings.progress_bar if progress_bar is None else progress_bar
     batch_size = check_number(batch_size, "batch_size", integer=True, unit="patches")
     table_keys = []
     for i, (slide, key) in enumerate(zip(slides, shapes_keys, strict=True)):
-        with _naming_slide(i, len(slides)):
+        with naming_slide(i, len(slides)):
             table_keys.append(
                 check_slide(slide, table_key=table_key, shapes_key=key, key_added=key_added, overwrite=overwrite)
             )
@@ -62,17 +62,20 @@ def predict_slides(
     if client is None:
         tables = []
         for i, (slide, job) in enumerate(zip(slides, jobs, strict=True)):
-            with _naming_slide(i, len(slides)):
+            with naming_slide(i, len(slides)):
                 tables.append(slide_table(slide, model, **job))
     else:
-        tables = _on_cluster(client, slides, model, jobs)
+        tables = on_cluster(client, slides, slide_table, model, jobs)
     for slide, table in zip(slides, tables, strict=True):
         slide.tables[key_added] = table
     logger.info("Wrote table %r into %d slide(s) (%d spots in all)", key_added, len(slides), sum(map(len, tables)))
 
 
-def resolve_client(client):
-    """The :class:`distributed.Client` to run on: ``None`` (run here), a client, or ``"default"`` (opt-in)."""
+def resolve_client(client, function: str = FUNCTION):
+    """The :class:`distributed.Client` to run on: ``None`` (run here), a client, or ``"default"`` (opt-in).
+
+    ``function`` names the caller in messages (e.g. ``"sth.tl.embed"``).
+    """
     if client is None:
         return None
     import distributed
@@ -82,7 +85,7 @@ def resolve_client(client):
             return distributed.default_client()
         except ValueError as err:
             raise ValueError(
-                f"`client={DEFAULT_CLIENT!r}` of `{FUNCTION}` uses the current dask.distributed client, but none "
+                f"`client={DEFAULT_CLIENT!r}` of `{function}` uses the current dask.distributed client, but none "
                 f"exists. Create one first (`distributed.Client(...)`), or pass `client=None` to run here."
             ) from err
     if isinstance(client, distributed.Client):
@@ -91,25 +94,25 @@ def resolve_client(client):
     if isinstance(client, distributed.deploy.Cluster):
         hint = " For a cluster, pass a client connected to it: `client=distributed.Client(cluster)`."
     raise TypeError(
-        f"`client` of `{FUNCTION}` must be a `distributed.Client`, {DEFAULT_CLIENT!r} (the current default client) "
+        f"`client` of `{function}` must be a `distributed.Client`, {DEFAULT_CLIENT!r} (the current default client) "
         f"or None (run here), got {type(client).__name__}.{hint}"
     )
 
 
-def _check_slides(slides) -> list:
-    """The slides as a list: each a SpatialData, each once, at least one."""
+def check_slides(slides, function: str = FUNCTION) -> list:
+    """The slides as a list: each a SpatialData, each once, at least one (``function`` names the caller)."""
     if not isinstance(slides, list | tuple):
-        check_sdata(slides, FUNCTION)
+        check_sdata(slides, function)
         return [slides]
     if not slides:
-        raise ValueError(f"`{FUNCTION}` got an empty list of slides; pass at least one SpatialData.")
+        raise ValueError(f"`{function}` got an empty list of slides; pass at least one SpatialData.")
     seen = {}
     for i, slide in enumerate(slides):
-        with _naming_slide(i, len(slides)):
-            check_sdata(slide, FUNCTION)
+        with naming_slide(i, len(slides), function):
+            check_sdata(slide, function)
         if id(slide) in seen:
             raise ValueError(
-                f"Slides {seen[id(slide)]} and {i} of the list passed to `{FUNCTION}` are the same SpatialData; "
+                f"Slides {seen[id(slide)]} and {i} of the list passed to `{function}` are the same SpatialData; "
                 f"pass each slide once."
             )
         seen[id(slide)] = i
@@ -129,44 +132,49 @@ def _per_slide(shapes_key, n: int) -> list:
 
 
 @contextmanager
-def _naming_slide(i: int, n: int):
+def naming_slide(i: int, n: int, function: str = FUNCTION):
     """Add "slide i of the n" to the notes of an exception raised inside: the message says which slide failed."""
     try:
         yield
     except Exception as err:
-        note = f"(slide {i} of the {n} passed to `{FUNCTION}`)"
+        note = f"(slide {i} of the {n} passed to `{function}`)"
         if n > 1 and note not in getattr(err, "__notes__", ()):
             err.add_note(note)
         raise
 
 
-def _on_cluster(client, slides: list, model, jobs: list[dict]) -> list:
-    """One task per slide on ``client``'s cluster; the tables in the slides' order, or the first slide's error."""
+def on_cluster(client, slides: list, task, shared, jobs: list[dict], function: str = FUNCTION) -> list:
+    """``task(slide, shared, **job)`` for each slide, one task per slide on ``client``'s cluster.
+
+    ``task`` is a module-level function (workers import it); ``shared`` (e.g. the model) is scattered once and
+    shared by every task. Returns the results in the slides' order, or raises the first slide's error (naming the
+    slide; the other slides' tasks are cancelled).
+    """
     import distributed
 
-    # the model is scattered once and shared by every task; the slides one each (no large task graphs)
-    model_future = client.scatter(model, hash=False)
+    # the shared object is scattered once; the slides one each (no large task graphs)
+    shared_future = client.scatter(shared, hash=False)
     slide_futures = client.scatter(list(slides), hash=False)
     options = dataclasses.asdict(settings)
     futures = [
-        client.submit(_remote_slide_table, slide, model_future, job, options, pure=False)
+        client.submit(_remote_task, task, slide, shared_future, job, options, pure=False)
         for slide, job in zip(slide_futures, jobs, strict=True)
     ]
     index = {future.key: i for i, future in enumerate(futures)}
-    tables = [None] * len(futures)
+    results = [None] * len(futures)
     try:
-        # stop at the first failure (the other slides' tasks are cancelled) rather than after every slide
+        # stop at the first failure rather than after every slide
         for future in distributed.as_completed(futures):
             i = index[future.key]
-            with _naming_slide(i, len(slides)):
-                tables[i] = future.result()
-        return tables
+            with naming_slide(i, len(slides), function):
+                results[i] = future.result()
+        return results
     finally:
-        client.cancel([*futures, *slide_futures, model_future])
+        client.cancel([*futures, *slide_futures, shared_future])
 
 
-def _remote_slide_table(slide, model, job: dict, options: dict):
-    """A worker's task: the caller's ``sth.settings``, then one slide's prediction table."""
+def _remote_task(task, slide, shared, job: dict, options: dict):
+    """A worker's task: the caller's ``sth.settings``, then ``task`` on one slide."""
     for name, value in options.items():
         setattr(settings, name, value)
-    return slide_table(slide, model, **job)
+    return task(slide, shared, **job)

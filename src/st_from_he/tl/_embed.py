@@ -9,8 +9,10 @@ from pathlib import Path
 import numpy as np
 
 from st_from_he._logging import logger, timed
-from st_from_he._sdata import TABLE_KEY, check_number, check_sdata, check_table_key
+from st_from_he._sdata import TABLE_KEY, check_number, check_table_key
 from st_from_he._settings import settings
+
+FUNCTION = "sth.tl.embed"
 
 
 def embed(
@@ -25,6 +27,7 @@ def embed(
     table_key: str = TABLE_KEY,
     overwrite: bool = False,
     progress_bar: bool | None = None,
+    client=None,
 ) -> None:
     """Embed the H&E patch of every spot with an image encoder, once, into ``obsm`` of the spots' table.
 
@@ -35,10 +38,14 @@ def embed(
     encoder runs on the GPU when there is one. Heads then train on the cached embeddings in seconds, e.g. a ridge
     probe from ``table.obsm[key_added]`` to expression.
 
+    A list of slides is embedded slide by slide with one encoder (the same weights for all), in this process or, with
+    ``client``, one slide per task on a :mod:`dask.distributed` cluster; every slide gets its embeddings only once
+    all slides have them.
+
     Parameters
     ----------
     sdata
-        :class:`~spatialdata.SpatialData` with sections (see :func:`st_from_he.io.read_st`).
+        :class:`~spatialdata.SpatialData` with sections (see :func:`st_from_he.io.read_st`), or a list of them.
     encoder
         A known foundation model, ``"uni"``, ``"uni2-h"``, ``"h-optimus-0"``, ``"h-optimus-1"``, ``"virchow"``,
         ``"virchow2"``, ``"prov-gigapath"`` or ``"efficientnet-lite0"`` (ImageNet weights, offline; needs
@@ -63,10 +70,13 @@ def embed(
         Replace an existing ``obsm[key_added]``; otherwise an existing key is an error.
     progress_bar
         Show progress; default ``sth.settings.progress_bar``.
+    client
+        ``None``: run here. A :class:`distributed.Client`: one task per slide on its cluster (the encoder sent once
+        to the workers). ``"default"``: the current default client (``distributed.default_client()``).
 
     Returns
     -------
-    Nothing; sets in ``sdata.tables[table_key]``:
+    Nothing; sets in ``sdata.tables[table_key]`` (of each slide):
 
     - ``obsm[key_added]``: float32 array ``(n_spots, dim)`` in table row order;
     - ``uns[key_added]["params"]``: the encoder's name, timm architecture, weights (file path, hub id or
@@ -89,18 +99,20 @@ def embed(
     >>> sdata.tables["table"].obsm["X_efficientnet-lite0"].shape  # doctest: +SKIP
     (..., 1280)
     >>> sth.tl.embed(sdata, "UNI", weights="~/models/UNI/pytorch_model.bin", key_added="X_uni")  # doctest: +SKIP
-    """
-    import torch
-    from tqdm.auto import tqdm
 
+    Many slides on a dask cluster, one task per slide:
+
+    >>> from distributed import Client  # doctest: +SKIP
+    >>> sth.tl.embed([slide_a, slide_b], "uni2-h", client=Client(n_workers=2))  # doctest: +SKIP
+    """
     from st_from_he import __version__
     from st_from_he.models import FoundationEncoder, encoder_spec
-    from st_from_he.pp import extract_patches
 
-    from ._training import resolve_device, set_threads
+    from ._distributed import check_slides, naming_slide, on_cluster, resolve_client
+    from ._training import set_threads
 
-    check_sdata(sdata, "sth.tl.embed")
-    check_table_key(sdata, table_key)
+    client = resolve_client(client, FUNCTION)
+    slides = check_slides(sdata, FUNCTION)
     size_um = check_number(size_um, "size_um", unit="micrometres")
     batch_size = check_number(batch_size, "batch_size", integer=True, unit="patches")
     progress_bar = settings.progress_bar if progress_bar is None else progress_bar
@@ -108,28 +120,75 @@ def embed(
     key_added = f"X_{spec.name}" if key_added is None else key_added
     if not isinstance(key_added, str) or not key_added:
         raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
-    table = sdata.tables[table_key]
-    if key_added in table.obsm and not overwrite:
-        raise KeyError(
-            f"Table {table_key!r} already has obsm[{key_added!r}]; pass `overwrite=True` to replace it, or another "
-            f"`key_added`."
-        )
+    for i, slide in enumerate(slides):
+        with naming_slide(i, len(slides), FUNCTION):
+            check_table_key(slide, table_key)
+            if key_added in slide.tables[table_key].obsm and not overwrite:
+                raise KeyError(
+                    f"Table {table_key!r} already has obsm[{key_added!r}]; pass `overwrite=True` to replace it, or "
+                    f"another `key_added`."
+                )
+
+    set_threads()
+    model = FoundationEncoder(encoder, weights=weights).eval()
+    job = {
+        "table_key": table_key,
+        "size_um": size_um,
+        "batch_size": batch_size,
+        "device": device,
+        "progress_bar": progress_bar,
+    }
+    if client is None:
+        embeddings = []
+        for i, slide in enumerate(slides):
+            with naming_slide(i, len(slides), FUNCTION):
+                embeddings.append(slide_embeddings(slide, model, **job))
+    else:
+        embeddings = on_cluster(client, slides, slide_embeddings, model, [job] * len(slides), FUNCTION)
+
+    params = {
+        **model.describe(),
+        "fingerprint": model.backbone.fingerprint(),  # tells two encoders of one name and file name apart
+        "size_um": size_um,
+        "size_px": model.img_size,
+        "table_key": table_key,
+        "batch_size": batch_size,
+        "st_from_he_version": __version__,
+    }
+    for slide, out in zip(slides, embeddings, strict=True):  # every slide has its embeddings: now write
+        table = slide.tables[table_key]
+        table.obsm[key_added] = out
+        table.uns[key_added] = {"params": dict(params)}
+
+
+def slide_embeddings(sdata, model, *, table_key: str, size_um: float, batch_size: int, device: str, progress_bar):
+    """The embeddings ``(n_spots, dim)`` of one slide's table spots by ``model`` (a FoundationEncoder), not written.
+
+    The unit of work of :func:`embed`, in this process or in a dask worker.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from st_from_he.pp import extract_patches
+
+    from ._training import resolve_device, set_threads
 
     set_threads()
     device = resolve_device(device)
-    model = FoundationEncoder(encoder, weights=weights).eval().to(device)
+    name = model.spec.name
+    model = model.to(device)
     patches = extract_patches(sdata, size_um=size_um, size_px=model.img_size, table_key=table_key)
     n = len(patches)
     out = np.empty((n, model.num_features), dtype=np.float32)
     starts = list(range(0, n, batch_size))
     with (
-        timed(f"Embedding {n} spots with {spec.name!r} ({model.num_features}-d) on {device}"),
+        timed(f"Embedding {n} spots with {name!r} ({model.num_features}-d) on {device}"),
         ThreadPoolExecutor(1) as cutter,  # cuts the next batch while the encoder runs (the kernel frees the GIL)
         torch.inference_mode(),
     ):
         start_time = time.perf_counter()
         pending = cutter.submit(patches.__getitem__, slice(0, batch_size)) if starts else None
-        for start in tqdm(starts, disable=not progress_bar, desc=f"Embedding ({spec.name})", unit="batch"):
+        for start in tqdm(starts, disable=not progress_bar, desc=f"Embedding ({name})", unit="batch"):
             batch = pending.result()
             stop = min(start + batch_size, n)
             if stop < n:
@@ -140,19 +199,7 @@ def embed(
         logger.debug("%.1f spots/s", n / max(time.perf_counter() - start_time, 1e-9))
     if not np.isfinite(out).all():
         raise FloatingPointError(
-            f"The encoder {spec.name!r} gave non-finite embeddings ({int((~np.isfinite(out)).any(axis=1).sum())} "
+            f"The encoder {name!r} gave non-finite embeddings ({int((~np.isfinite(out)).any(axis=1).sum())} "
             f"spots); nothing was written. Are the weights those of this model?"
         )
-
-    table.obsm[key_added] = out
-    table.uns[key_added] = {
-        "params": {
-            **model.describe(),
-            "fingerprint": model.backbone.fingerprint(),  # tells two encoders of one name and file name apart
-            "size_um": size_um,
-            "size_px": model.img_size,
-            "table_key": table_key,
-            "batch_size": batch_size,
-            "st_from_he_version": __version__,
-        }
-    }
+    return out
