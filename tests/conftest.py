@@ -42,6 +42,24 @@ def her2st_small(her2st_dir):
     return sth.datasets.her2st(["C5", "C6"], path=her2st_dir)
 
 
+@pytest.fixture(scope="module")
+def split(her2st_small):
+    """``(train, test)``: C5 to train on, C6 held out (a module may define its own)."""
+    import st_from_he as sth
+
+    return sth.pp.split_sections(her2st_small, test=["C6"])
+
+
+@pytest.fixture(scope="module")
+def genes(split):
+    """30 of C5's most variable genes measured in both sections (a module may define its own)."""
+    import st_from_he as sth
+
+    train, test = split
+    shared = set(train.tables["table"].var_names) & set(test.tables["table"].var_names)
+    return [g for g in sth.pp.select_genes(train, n_top=50) if g in shared][:30]
+
+
 @pytest.fixture(scope="session")
 def visium_crop_dir() -> Path:
     """The 49-spot Visium mouse brain crop in the scanpy layout (``adata.h5ad``, ``image.jpg``)."""

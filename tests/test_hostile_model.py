@@ -26,18 +26,6 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def split(her2st_small):
-    return sth.pp.split_sections(her2st_small, test=["C6"])
-
-
-@pytest.fixture(scope="module")
-def genes(split):
-    train, test = split
-    shared = set(train.tables["table"].var_names) & set(test.tables["table"].var_names)
-    return [g for g in sth.pp.select_genes(train, n_top=50) if g in shared][:30]
-
-
-@pytest.fixture(scope="module")
 def spots(split):
     """80 training spots of C5 (one section: enough for the per-section probe's own statistics)."""
     return list(split[0].tables["table"].obs_names[:80])

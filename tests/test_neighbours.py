@@ -22,18 +22,6 @@ NETWORK_ONLY = {"blend_ridge": False, "neighbour_smoothing": 0.0}
 
 
 @pytest.fixture(scope="module")
-def split(her2st_small):
-    return sth.pp.split_sections(her2st_small, test=["C6"])
-
-
-@pytest.fixture(scope="module")
-def genes(split):
-    train, test = split
-    shared = set(train.tables["table"].var_names) & set(test.tables["table"].var_names)
-    return [g for g in sth.pp.select_genes(train, n_top=50) if g in shared][:30]
-
-
-@pytest.fixture(scope="module")
 def spots(split):
     """The first 100 spots of C5: a few grid columns, so most of them have neighbours among themselves."""
     return list(split[0].tables["table"].obs_names[:100])

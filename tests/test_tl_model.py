@@ -15,12 +15,6 @@ TINY = {"img_size": 32, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
-def split(her2st_small):
-    train, test = sth.pp.split_sections(her2st_small, test=["C6"])
-    return train, test
-
-
-@pytest.fixture(scope="module")
 def genes(split):
     train, test = split
     shared = set(train.tables["table"].var_names) & set(test.tables["table"].var_names)
