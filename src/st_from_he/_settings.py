@@ -32,7 +32,12 @@ class _Settings:
     image_cache_gb
         Memory for decoded images kept between calls (least recently used dropped first), so that training,
         validation and prediction on a section decode its image once. Large tiled pyramids (TIFF, zarr) are read
-        window by window and not kept.
+        window by window and not kept; a tiled level is only decoded whole when it fits this budget (and 512 MB).
+    tile_cache_gb
+        Memory for the decoded tiles (chunks) of tiled levels read window by window (TIFF pyramids, zarr), least
+        recently used dropped first: neighbouring spots share the tiles under them, so each tile of a whole slide is
+        decoded about once. The default, 0.5 GB, holds the tiles of a row of spots across a 60,000 px slide; ``0``
+        turns the cache off (each batch of windows decodes its tiles again).
     progress_bar
         Show progress bars on long work.
     max_image_pixels
@@ -46,6 +51,7 @@ class _Settings:
     num_threads: int | None = None
     cache_dir: Path = field(default_factory=_default_cache_dir)
     image_cache_gb: float = 4.0
+    tile_cache_gb: float = 0.5
     progress_bar: bool = True
     max_image_pixels: int | None = 1_000_000_000
 

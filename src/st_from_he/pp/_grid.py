@@ -153,7 +153,7 @@ def _on_tissue(
             raise KeyError(f"No labels element {tissue_key!r}; labels present: {sorted(sdata.labels)}.")
         from ._patches import image_levels
 
-        mask = np.asarray(image_levels(sdata.labels[tissue_key])[0].compute()) != 0
+        mask = image_levels(sdata.labels[tissue_key])[0]  # lazy: only the chunks under the centres are read
         to_mask = np.linalg.inv(to_image_pixels(sdata, tissue_key, image_key))
     else:
         from ._tissue import detect_tissue
@@ -165,5 +165,8 @@ def _on_tissue(
     row = np.floor(xy[:, 1]).astype(int)
     inside = (row >= 0) & (row < mask.shape[0]) & (col >= 0) & (col < mask.shape[1])
     result = np.zeros(len(centres), dtype=bool)
-    result[inside] = mask[row[inside], col[inside]]
+    if isinstance(mask, np.ndarray):
+        result[inside] = mask[row[inside], col[inside]]
+    elif inside.any():  # a labels element may be a full-resolution mask: never read it whole
+        result[inside] = np.asarray(mask.vindex[row[inside], col[inside]].compute()) != 0
     return result

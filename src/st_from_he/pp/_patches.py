@@ -323,13 +323,20 @@ class _Section:
         level = max([i for i, side in enumerate(sides) if side >= 512] or [0])
         if self.materialise(level):
             image = DECODED.get([self.levels[level]])[0]
-        else:  # a large tiled level: every 8th pixel is plenty for a median
-            image = np.asarray(self.levels[level][:, ::8, ::8].compute())
+        else:  # read chunk by chunk; of a large level (no pyramid) a strided sample of at most 2048 px a side
+            step = math.ceil(max(self.levels[level].shape[1:]) / 2048)
+            image = np.asarray(self.levels[level][:, ::step, ::step].compute())
         return glass_colour(image)
 
     def materialise(self, level: int) -> bool:
-        level_array = self.levels[level]
-        return self.monolithic or level_array.nbytes <= _SMALL_LEVEL_BYTES
+        """Whether ``level`` is decoded whole (then kept in :data:`DECODED`) rather than read window by window.
+
+        A monolithic image (JPEG, PNG) can only be decoded whole; a tiled level is decoded whole only when it is
+        small (512 MB) and fits ``sth.settings.image_cache_gb``, so a level that does not fit is never decoded whole.
+        """
+        if self.monolithic:
+            return True
+        return self.levels[level].nbytes <= min(_SMALL_LEVEL_BYTES, settings.image_cache_gb * 2**30)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -346,7 +353,8 @@ class PatchDataset:
     Images are decoded once and kept: the pyramid level a patch needs (the coarsest whose pixels are no larger than
     the patch's, so patches are never built from a coarser image than necessary) is read whole when it is small or
     can only be decoded whole (JPEG, PNG), and kept in a process-wide cache of ``sth.settings.image_cache_gb``; large tiled levels
-    (zarr, TIFF pyramids) are read window by window instead.
+    (zarr, TIFF pyramids) are read window by window instead, through a process-wide cache of decoded tiles of
+    ``sth.settings.tile_cache_gb``, so a whole slide's tiles are decoded about once and memory stays bounded.
 
     Attributes
     ----------
@@ -544,9 +552,12 @@ class PatchDataset:
             list(pool.map(work, slices))
 
     def _windowed(self, level: da.Array, boxes: np.ndarray, out: np.ndarray, pos: np.ndarray, s: int) -> None:
-        """Read each patch's window (with the filter's margin) from a lazy level, never the whole level."""
-        import dask
+        """Read each patch's window (with the filter's margin) from a lazy level, never the whole level.
 
+        Windows are read in order of their place on the slide (by rows of chunks, then across), in batches whose
+        chunks come from :data:`TILES`, so that neighbouring spots decode the chunks under them once; each patch is
+        still written to its own place in ``out``.
+        """
         _, height, width = level.shape
         scale = (boxes[:, 2] - boxes[:, 0]) / self.size_px
         margin = np.ceil(np.maximum(scale, 1.0)) + 1
@@ -554,12 +565,14 @@ class PatchDataset:
         x1 = np.clip(np.ceil(boxes[:, 2] + margin), 0, width).astype(int)
         y0 = np.clip(np.floor(boxes[:, 1] - margin), 0, height).astype(int)
         y1 = np.clip(np.ceil(boxes[:, 3] + margin), 0, height).astype(int)
-        for start in range(0, len(boxes), _BATCH):
-            batch = range(start, min(start + _BATCH, len(boxes)))
-            windows = dask.compute(*[level[:, y0[i] : y1[i], x0[i] : x1[i]] for i in batch])
+        chunk_row = np.searchsorted(np.cumsum(level.chunks[1]), y0, side="right")
+        order = np.lexsort((x0, chunk_row))
+        for start in range(0, len(order), _BATCH):
+            batch = order[start : start + _BATCH]
+            windows = TILES.windows(level, y0[batch], y1[batch], x0[batch], x1[batch])
             for i, window in zip(batch, windows, strict=True):  # each window holds its spot's centre: not empty
                 rel = boxes[i] - np.array([x0[i], y0[i], x0[i], y0[i]])
-                out[pos[i], s] = resample_boxes(np.asarray(window), rel[None], self.size_px)[0]
+                out[pos[i], s] = resample_boxes(window, rel[None], self.size_px)[0]
 
     def _level_array(self, sample: str, level: int) -> np.ndarray:
         """A level of a section as an in-memory array, decoded once per process (see :class:`_DecodedLevels`)."""
@@ -611,6 +624,107 @@ class _DecodedLevels:
 
 
 DECODED = _DecodedLevels()
+
+
+def tile_cache_bytes() -> int:
+    """``sth.settings.tile_cache_gb`` in bytes, or a clear error for a value that is not a size."""
+    budget = getattr(settings, "tile_cache_gb", 0.5)
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not (math.isfinite(budget) and budget >= 0):
+        raise ValueError(
+            f"`sth.settings.tile_cache_gb` must be a number of gigabytes, 0 or more (0 turns the decoded-tile cache "
+            f"off), got {budget!r}. E.g. `sth.settings.tile_cache_gb = 0.5`."
+        )
+    return int(budget * 2**30)
+
+
+class _TileCache:
+    """Decoded chunks (tiles) of lazily read image levels (tiled TIFF, zarr), least recently used dropped first.
+
+    Keyed by (dask array name, chunk row, chunk column): the windows of neighbouring spots share the chunks under
+    them, so reading a slide's spots row after row decodes each chunk about once, where reading each batch of windows
+    on its own decodes a chunk again for every batch that touches it. Its budget is ``sth.settings.tile_cache_gb``
+    (``0``: nothing is kept); the chunks one batch of windows needs are held while it is read, even beyond the budget.
+    Shared by every :class:`PatchDataset` of the process; worker processes keep their own.
+    """
+
+    def __init__(self):
+        self._chunks: OrderedDict[tuple[str, int, int], np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        """Bytes of decoded chunks held."""
+        self.n_decoded = 0
+        """Chunks decoded so far (a chunk decoded again after it was dropped counts again)."""
+
+    def windows(self, level: da.Array, y0, y1, x0, x1) -> list[np.ndarray]:
+        """The windows ``level[:, y0[i]:y1[i], x0[i]:x1[i]]`` as uint8 arrays, their missing chunks decoded at once.
+
+        The bounds must lie inside the level and each window must be non-empty.
+        """
+        import dask
+
+        budget = tile_cache_bytes()
+        ybounds = np.concatenate([[0], np.cumsum(level.chunks[1])])
+        xbounds = np.concatenate([[0], np.cumsum(level.chunks[2])])
+        # chunk ranges [first, last] of each window
+        iy0 = np.searchsorted(ybounds, y0, side="right") - 1
+        iy1 = np.searchsorted(ybounds, y1, side="left") - 1
+        ix0 = np.searchsorted(xbounds, x0, side="right") - 1
+        ix1 = np.searchsorted(xbounds, x1, side="left") - 1
+        needed = dict.fromkeys(
+            (i, j)
+            for a, b, c, d in zip(iy0, iy1, ix0, ix1, strict=True)
+            for i in range(a, b + 1)
+            for j in range(c, d + 1)
+        )
+        chunks = {}
+        with self._lock:
+            for key in needed:
+                found = self._chunks.get((level.name, *key))
+                if found is not None:
+                    self._chunks.move_to_end((level.name, *key))
+                    chunks[key] = found
+        missing = [key for key in needed if key not in chunks]
+        if missing:  # one computation, so dask decodes them on its threads
+            regions = [level[:, ybounds[i] : ybounds[i + 1], xbounds[j] : xbounds[j + 1]] for i, j in missing]
+            for key, array in zip(missing, dask.compute(*regions), strict=True):
+                chunks[key] = np.ascontiguousarray(array, dtype=np.uint8)
+            with self._lock:
+                self.n_decoded += len(missing)
+                if budget > 0:
+                    for key in missing:
+                        full = (level.name, *key)
+                        if full not in self._chunks:
+                            self._chunks[full] = chunks[key]
+                            self.nbytes += chunks[key].nbytes
+                self._evict(budget)
+        out = []
+        for a, b, c, d, top, bottom, left, right in zip(iy0, iy1, ix0, ix1, y0, y1, x0, x1, strict=True):
+            window = np.empty((level.shape[0], bottom - top, right - left), np.uint8)
+            for i in range(a, b + 1):
+                for j in range(c, d + 1):
+                    # the overlap of the window and chunk (i, j), in level pixels
+                    r0, r1 = max(top, ybounds[i]), min(bottom, ybounds[i + 1])
+                    c0, c1 = max(left, xbounds[j]), min(right, xbounds[j + 1])
+                    block = chunks[(i, j)]
+                    window[:, r0 - top : r1 - top, c0 - left : c1 - left] = block[
+                        :, r0 - ybounds[i] : r1 - ybounds[i], c0 - xbounds[j] : c1 - xbounds[j]
+                    ]
+            out.append(window)
+        return out
+
+    def _evict(self, budget: int) -> None:
+        while self.nbytes > budget and self._chunks:
+            _, dropped = self._chunks.popitem(last=False)
+            self.nbytes -= dropped.nbytes
+
+    def clear(self) -> None:
+        """Drop every decoded chunk."""
+        with self._lock:
+            self._chunks.clear()
+            self.nbytes = 0
+
+
+TILES = _TileCache()
 
 
 # --------------------------------------------------------------------------------------------------------------------
