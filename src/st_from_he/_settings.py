@@ -36,7 +36,7 @@ class _Settings:
     tile_cache_gb
         Memory for the decoded tiles (chunks) of tiled levels read window by window (TIFF pyramids, zarr), least
         recently used dropped first: neighbouring spots share the tiles under them, so each tile of a whole slide is
-        decoded about once. The default, 0.5 GB, holds the tiles of a row of spots across a 60,000 px slide; ``0``
+        decoded about once. The default, 0.25 GB, holds the tiles under two rows of spots across a 100,000 px slide; ``0``
         turns the cache off (each batch of windows decodes its tiles again).
     progress_bar
         Show progress bars on long work.
@@ -51,7 +51,7 @@ class _Settings:
     num_threads: int | None = None
     cache_dir: Path = field(default_factory=_default_cache_dir)
     image_cache_gb: float = 4.0
-    tile_cache_gb: float = 0.5
+    tile_cache_gb: float = 0.25
     progress_bar: bool = True
     max_image_pixels: int | None = 1_000_000_000
 

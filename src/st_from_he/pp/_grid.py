@@ -166,7 +166,7 @@ def _on_tissue(
     inside = (row >= 0) & (row < mask.shape[0]) & (col >= 0) & (col < mask.shape[1])
     result = np.zeros(len(centres), dtype=bool)
     if isinstance(mask, np.ndarray):
-        result[inside] = mask[row[inside], col[inside]]
+        result[inside] = mask[row[inside], col[inside]] != 0
     elif inside.any():  # a labels element may be a full-resolution mask: never read it whole
         result[inside] = np.asarray(mask.vindex[row[inside], col[inside]].compute()) != 0
     return result
