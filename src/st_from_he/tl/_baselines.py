@@ -124,23 +124,17 @@ class RidgeProbe:
         self.state: dict[str, np.ndarray] = {}
         self._encoder_module = None
 
-    def _features(self, patches: np.ndarray, glass=None, batch_size: int = 64) -> np.ndarray:
+    def _features(self, patches: np.ndarray, glass=None, batch_size: int = 64, device="cpu") -> np.ndarray:
         # every feature of a spot is computed from its own patch (and its slide's glass): batching never changes it
         if self.features in ("handcrafted", "handcrafted+blobs"):
-            from st_from_he.models import white_balance
-            from st_from_he.models._handcrafted import handcrafted_features, stain_blob_features
-
             glass = self._check_glass(glass, len(patches))
-
-            def features(i):
-                batch = patches[i : i + batch_size]
-                if glass is not None:
-                    batch = white_balance(batch, glass[i : i + batch_size])
-                if self.features == "handcrafted":
-                    return handcrafted_features(batch)
-                return np.concatenate([handcrafted_features(batch), stain_blob_features(batch)], axis=1)
-
-            return np.concatenate([features(i) for i in range(0, len(patches), batch_size)])
+            features = self._torch_features(device) if device is not None else self._numpy_features
+            return np.concatenate(
+                [
+                    features(patches[i : i + batch_size], None if glass is None else glass[i : i + batch_size])
+                    for i in range(0, len(patches), batch_size)
+                ]
+            )
         if self.features == "encoder":
             return self._encoder_features(patches, batch_size)
         if is_embedding_key(self.features):  # the "patches" are the spots' embedding vectors
@@ -151,6 +145,34 @@ class RidgeProbe:
                 )
             return x
         return np.zeros((len(patches), 0), dtype=np.float32)
+
+    def _numpy_features(self, batch: np.ndarray, glass: np.ndarray | None) -> np.ndarray:
+        """Hand-crafted features of a batch by the NumPy/SciPy reference implementation."""
+        from st_from_he.models import white_balance
+        from st_from_he.models._handcrafted import handcrafted_features, stain_blob_features
+
+        if glass is not None:
+            batch = white_balance(batch, glass)
+        if self.features == "handcrafted":
+            return handcrafted_features(batch)
+        return np.concatenate([handcrafted_features(batch), stain_blob_features(batch)], axis=1)
+
+    def _torch_features(self, device):
+        """A function of ``(batch, glass)`` computing the hand-crafted features with torch on ``device``."""
+        import torch
+
+        from st_from_he.models._handcrafted_torch import probe_features_torch, white_balance_torch
+
+        device = torch.device(device)
+
+        def features(batch: np.ndarray, glass: np.ndarray | None) -> np.ndarray:
+            with torch.inference_mode():
+                x = _as_uint8_tensor(batch).to(device)
+                if glass is not None:
+                    x = white_balance_torch(x, glass)
+                return probe_features_torch(x, blobs=self.features == "handcrafted+blobs").cpu().numpy()
+
+        return features
 
     def _check_glass(self, glass, n: int) -> np.ndarray | None:
         """Each patch's glass colour ``(n, 3)`` when the probe white-balances, else ``None``."""
@@ -238,11 +260,12 @@ class RidgeProbe:
             raise ValueError("This ridge probe does not record its encoder's input size; pass `img_size`.")
         self._encoder_module = self._build_encoder(int(self.state.get("img_size", self.img_size or 0)))
 
-    def fit(self, patches: np.ndarray, targets: np.ndarray, groups=None, glass=None) -> RidgeProbe:
+    def fit(self, patches: np.ndarray, targets: np.ndarray, groups=None, glass=None, *, device="cpu") -> RidgeProbe:
         """Fit on uint8 patches ``(n, [s,] 3, h, w)`` and log-normalised targets ``(n, genes)``.
 
         ``groups`` (length ``n``, e.g. the sample of each spot) names the section of each spot, for ``per_section``;
         ``None``: one section. ``glass``: the glass colour of each patch's slide ``(n, 3)``, for ``white_balance``.
+        ``device``: where the hand-crafted features are computed (see :meth:`featurize`).
         """
         from sklearn.linear_model import RidgeCV
 
@@ -250,7 +273,7 @@ class RidgeProbe:
         groups = _groups(groups, len(targets))
         self.state, self._encoder_module = {}, None  # a refit builds its encoder afresh from the seed
         glass = self._check_glass(glass, len(targets))
-        x = self._features(patches, glass)
+        x = self._features(patches, glass, device=device)
         state: dict[str, np.ndarray] = {
             "features": np.array(self.features or ""),
             "per_section": np.array(self.per_section or ""),
@@ -287,7 +310,7 @@ class RidgeProbe:
         if self.rank is not None and self.rank < min(targets.shape):
             axes = np.linalg.svd(targets - targets.mean(0), full_matrices=False)[2][: self.rank]
         if self.lowres > 1:
-            blurred = self._blurred_features(patches, glass)
+            blurred = self._blurred_features(patches, glass, device=device)
             if self.per_section:
                 blurred = self._standardise(blurred, groups, MIN_TRAINING_SECTION_SPOTS, state)
             x = np.concatenate([x, blurred])
@@ -320,7 +343,7 @@ class RidgeProbe:
         centred = self._centred(x.shape[1]) if centred is None else np.asarray(centred, bool)  # older saves: z-scored
         return _standardise_sections(x, groups, min_spots, *pooled, centre_only=centred)
 
-    def _blurred_features(self, patches: np.ndarray, glass=None, batch_size: int = 256) -> np.ndarray:
+    def _blurred_features(self, patches: np.ndarray, glass=None, batch_size: int = 256, device="cpu") -> np.ndarray:
         """Features of uint8 patches ``(n, [s,] 3, h, w)``, each blurred by a factor log-uniform in ``[1, lowres]``.
 
         Batch by batch, so that no blurred copy of all the patches is held in memory.
@@ -338,15 +361,21 @@ class RidgeProbe:
                 x.reshape(len(x), -1, *shape[-3:]), torch.from_numpy(factors[i : i + batch_size]).float()
             )
             blurred = y.reshape(shape).round().clamp(0, 255).to(torch.uint8).numpy()
-            features.append(self._features(blurred, None if glass is None else glass[i : i + batch_size]))
+            features.append(
+                self._features(blurred, None if glass is None else glass[i : i + batch_size], device=device)
+            )
         return np.concatenate(features)
 
-    def featurize(self, patches: np.ndarray, glass=None) -> np.ndarray:
+    def featurize(self, patches: np.ndarray, glass=None, *, device="cpu") -> np.ndarray:
         """The probe's raw features of uint8 patches ``(n, [s,] 3, h, w)``, for :meth:`predict_features`.
 
         ``glass``: the glass colour of each patch's slide ``(n, 3)`` (or one ``(3,)``), for ``white_balance``.
+        ``device``: the torch device (``"cpu"``, ``"cuda"``, ``"cuda:1"``, a :class:`torch.device`) on which
+        hand-crafted features are computed, e.g. the model's; ``None``: by the NumPy/SciPy reference implementation
+        (:mod:`st_from_he.models._handcrafted`), which the torch one equals within float32 rounding and is several
+        times slower. Other feature sets ignore it.
         """
-        return self._features(patches, glass)
+        return self._features(patches, glass, device=device)
 
     def predict_features(
         self, features: np.ndarray, groups=None, *, min_section_spots: int = MIN_SECTION_SPOTS
@@ -452,6 +481,18 @@ def section_mode(per_section) -> str | bool:
 def hybrid_needs_handcrafted(per_section, features) -> bool:
     """Whether ``per_section`` is ``"hybrid"`` with features that are not hand-crafted (refused)."""
     return section_mode(per_section) == "hybrid" and features not in ("handcrafted", "handcrafted+blobs")
+
+
+def _as_uint8_tensor(patches):
+    """uint8 patches (array or tensor) as a CPU tensor, refusing other dtypes as the NumPy features would not."""
+    import torch
+
+    x = patches if isinstance(patches, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(patches))
+    if x.dtype != torch.uint8:
+        raise TypeError(
+            f"Patches must be uint8 RGB (0-255), got dtype {x.dtype}; cut them with `sth.pp.extract_patches`."
+        )
+    return x
 
 
 def _fingerprint(encoder) -> str:

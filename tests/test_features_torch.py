@@ -1,0 +1,130 @@
+"""The torch hand-crafted and blob features against the NumPy/SciPy reference, on real her2st patches.
+
+Tolerance: every column within ``rtol=1e-5`` of the reference, or ``1e-5`` of its column's typical magnitude
+(float32 sums in another order); the threshold features (nuclear fraction, blob count) and the RGB percentiles equal.
+The GPU code paths (torch sort, label propagation, float64 box filter) run here on CPU tensors by switching the
+dispatch, so they are checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import st_from_he as sth
+from st_from_he.models import _handcrafted_torch as ht
+from st_from_he.models._handcrafted import N_HANDCRAFTED, handcrafted_features, stain_blob_features
+from st_from_he.models._handcrafted_torch import (
+    handcrafted_features_torch,
+    probe_features_torch,
+    stain_blob_features_torch,
+    white_balance_torch,
+)
+
+EXACT = [2, 3, 4, 7, 8, 9, 12, 13, 14, 25, 26, 29]  # per scale: RGB percentiles, tissue and nuclear fractions, blobs
+
+
+@pytest.fixture(scope="module")
+def c6(her2st_small):
+    return sth.pp.split_sections(her2st_small, test=["C6"])[1]
+
+
+@pytest.fixture(scope="module", params=[112, 37, 13])
+def patches(request, c6):
+    """40 C6 spots at two context scales, cut at 112 px and at odd sides (13 px: the widest filter reflects twice)."""
+    data = sth.pp.extract_patches(c6, size_um=112, size_px=request.param, context=(1.0, 3.0))
+    return np.stack([data[i] for i in range(40)])
+
+
+def _assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    scale = np.abs(expected).mean(0, keepdims=True)
+    bad = np.abs(actual - expected) > 1e-5 * np.maximum(np.abs(expected), scale)
+    assert not bad.any(), f"columns {sorted(set(np.nonzero(bad)[1]))} differ beyond float32 rounding"
+
+
+def test_torch_features_equal_the_reference(patches):
+    x = torch.from_numpy(patches)
+    hand, blobs = handcrafted_features(patches), stain_blob_features(patches)
+    hand_t, blobs_t = handcrafted_features_torch(x).numpy(), stain_blob_features_torch(x).numpy()
+    assert hand_t.shape == hand.shape == (40, 2 * N_HANDCRAFTED) and hand_t.dtype == np.float32
+    assert blobs_t.shape == blobs.shape == (40, 24)
+    _assert_close(hand_t, hand)
+    _assert_close(blobs_t, blobs)
+    exact = EXACT + [c + N_HANDCRAFTED for c in EXACT]
+    np.testing.assert_array_equal(hand_t[:, exact], hand[:, exact])
+    assert hand[:, 29].std() > 0 and np.abs(blobs).min() > 0  # the blob counts and responses vary: a real check
+    # both sets at once: the probe's column layout
+    both = probe_features_torch(x).numpy()
+    np.testing.assert_array_equal(both, np.concatenate([hand_t, blobs_t], axis=1))
+
+
+def test_gpu_code_paths_equal_the_reference(patches, monkeypatch):
+    """The sort, the float64 box filter and the label propagation that CUDA tensors take, run on the CPU."""
+    monkeypatch.setattr(ht, "_use_numpy", lambda x: False)
+    x = torch.from_numpy(patches)
+    hand = handcrafted_features(patches)
+    hand_t = handcrafted_features_torch(x).numpy()
+    _assert_close(hand_t, hand)
+    np.testing.assert_array_equal(hand_t[:, [29, 29 + N_HANDCRAFTED]], hand[:, [29, 29 + N_HANDCRAFTED]])
+    _assert_close(stain_blob_features_torch(x).numpy(), stain_blob_features(patches))
+
+
+def test_label_propagation_counts_components_as_scipy():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    masks = rng.random((6, 31, 45)) > 0.45  # near the percolation threshold: long, winding components
+    masks[0] = False  # no component at all
+    masks[1] = True  # one that fills the image
+    spiral = np.zeros((31, 45), bool)  # one snake through the whole image: the slowest case to propagate
+    spiral[::2] = True
+    spiral[1::4, -1] = spiral[3::4, 0] = True
+    masks[2] = spiral
+    expected = [ndimage.label(m)[1] for m in masks]
+    assert ht._count_components(torch.from_numpy(masks)).tolist() == expected
+    assert expected[:3] == [0, 1, 1] and max(expected) > 20
+
+
+def test_white_balance_torch_is_the_numpy_one(patches):
+    from st_from_he.models import white_balance
+
+    glass = np.random.default_rng(1).uniform(200, 250, size=(len(patches), 3))
+    out = white_balance_torch(torch.from_numpy(patches), glass)
+    assert out.dtype == torch.uint8
+    np.testing.assert_array_equal(out.numpy(), white_balance(patches, glass))
+
+
+def test_bad_input_is_refused_clearly(patches):
+    with pytest.raises(TypeError, match=r"torch.Tensor of uint8 patches, got ndarray.*torch.from_numpy"):
+        handcrafted_features_torch(patches)
+    with pytest.raises(TypeError, match=r"uint8 RGB \(0-255\), got dtype torch.float32"):
+        stain_blob_features_torch(torch.from_numpy(patches).float())
+    with pytest.raises(ValueError, match=r"shape \(n, 3, h, w\) or \(n, s, 3, h, w\), got \(40, 2, 4,"):
+        probe_features_torch(torch.zeros((40, 2, 4, 16, 16), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="7 x 16 px are too small"):
+        probe_features_torch(torch.zeros((2, 3, 7, 16), dtype=torch.uint8))
+
+
+def test_probe_predicts_the_same_with_either_backend(c6):
+    from st_from_he.tl._baselines import RidgeProbe
+
+    data = sth.pp.extract_patches(c6, size_um=112, size_px=48, context=(1.0, 3.0))
+    x = np.stack([data[i] for i in range(80)])
+    glass = data.glass_per_spot()[:80]
+    y = np.random.default_rng(0).normal(size=(80, 4)) + handcrafted_features(x)[:, [0, 29]] @ np.ones((2, 4)) / 100
+    groups = np.repeat(["a", "b"], 40)
+
+    def fitted(device):
+        probe = RidgeProbe("handcrafted+blobs", per_section="hybrid", rank=3, white_balance=True, lowres=2.0)
+        return probe.fit(x, y, groups, glass=glass, device=device)
+
+    reference, new = fitted(None), fitted("cpu")
+    np.testing.assert_allclose(new.state["coef"], reference.state["coef"], rtol=1e-4, atol=1e-5)
+    features = reference.featurize(x, glass, device=None)
+    np.testing.assert_allclose(reference.featurize(x, glass), features, rtol=1e-4, atol=1e-6)
+    expected = reference.predict_features(features, groups)[0]
+    np.testing.assert_allclose(new.predict_features(new.featurize(x, glass), groups)[0], expected, atol=1e-4)
+    assert expected.std(0).min() > 1e-3  # the spots' predictions differ
+    with pytest.raises(TypeError, match="got dtype torch.float32"):
+        reference.featurize(x.astype(np.float32), glass)
