@@ -225,8 +225,15 @@ class ExpressionModule(L.LightningModule):
 
     def _log_losses(self, losses: dict[str, torch.Tensor], prefix: str, batch_size: int) -> None:
         for name, value in losses.items():
+            # sync_dist: under DDP the epoch's value is the mean over every process's spots (a no-op on one device)
             self.log(
-                f"{prefix}_{name}", value, on_step=False, on_epoch=True, prog_bar=name == "loss", batch_size=batch_size
+                f"{prefix}_{name}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                prog_bar=name == "loss",
+                batch_size=batch_size,
+                sync_dist=True,
             )
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:

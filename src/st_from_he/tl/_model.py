@@ -21,9 +21,9 @@ from st_from_he._sdata import SPATIAL_KEY, TABLE_KEY
 from st_from_he._settings import settings
 
 from ._baselines import MIN_SECTION_SPOTS, MIN_TRAINING_SECTION_SPOTS, is_embedding_key
-from ._data import TARGET_SUM, SpotArrays, as_list, concat_arrays, spot_arrays
+from ._data import TARGET_SUM, LazyPatches, SpotArrays, as_list, concat_arrays, spot_arrays
 from ._presets import BASELINE_PRESETS, NEURAL_PRESETS, RIDGE_BLEND_PRESETS, check_preset
-from ._training import check_device
+from ._training import check_device, check_strategy
 
 _FORMAT = 1
 _PACKAGE = "st_from_he"  # the marker in model.json of a model directory written by this package
@@ -56,6 +56,9 @@ _RIDGE_PREFIX = "ridge_"  # arrays of a neural model's ridge probe, beside its r
 # 50-spot few-shot fit, the choice went all to retrieval, whose top 50 of a 50-spot bank is one constant profile)
 MIN_BLEND_SPOTS = 10
 _GENES_KEY = "model_genes"  # the genes, also in arrays.npz: a model.json whose genes were edited is refused
+# `fit(stream="auto")` holds the training patches in memory when they take at most this fraction of the memory
+# available (the rest is left for the network, the probe's features and the decoded images), else streams them
+IN_MEMORY_FRACTION = 0.25
 
 
 class ExpressionModel:
@@ -235,6 +238,7 @@ class ExpressionModel:
     # -- training --------------------------------------------------------------------------------------------------
 
     def _arrays(self, sdata, *, table_key, fill_missing_genes=False, spots=None) -> SpotArrays:
+        """Targets and obs of the training spots, with their patches as :class:`LazyPatches` (nothing read yet)."""
         from st_from_he._sdata import check_sdata, find_table
 
         sections = as_list(sdata)
@@ -257,6 +261,7 @@ class ExpressionModel:
                     fill_missing_genes=fill_missing_genes,
                     spots=chosen,
                     target_sum=self.target_sum,
+                    lazy=True,
                 )
             )
         data = concat_arrays(parts)
@@ -351,7 +356,9 @@ class ExpressionModel:
         val_sections: Sequence[str] | None = None,
         spots: Sequence[str] | None = None,
         accelerator: str = "auto",
-        devices: int | str = "auto",
+        devices: int | str | Sequence[int] = "auto",
+        strategy: Any = "auto",
+        stream: bool | str = "auto",
         seed: int = 0,
         patience: int | None | str = "preset",
         max_time: float | None = None,
@@ -384,7 +391,22 @@ class ExpressionModel:
             Train on these obs_names only (few-shot learning).
         accelerator, devices
             Passed to :class:`lightning.pytorch.Trainer`; ``"auto"`` uses a GPU with bf16 mixed precision when one
-            is available.
+            is available. ``devices=2`` (or more) trains data-parallel over that many GPUs, or CPU processes with
+            ``accelerator="cpu"``; see ``strategy``.
+        strategy
+            How Lightning spreads training over several ``devices`` (neural presets): ``"auto"`` (DDP when there are
+            several), a strategy name Lightning knows (e.g. ``"ddp"``, ``"ddp_spawn"``, ``"ddp_notebook"``) or a
+            :class:`lightning.pytorch.strategies.Strategy`. With ``"ddp"`` Lightning runs the calling script again
+            in one process per further device, so call ``fit`` under ``if __name__ == "__main__":`` and let only
+            rank 0 write results; in Jupyter use ``"ddp_notebook"``. The validation losses are averaged over all
+            processes; the history and the best weights are rank 0's. Each process keeps its own copy of the
+            training patches (or streams them).
+        stream
+            ``False``: read every training patch into memory once, before training; ``True``: read the patches of
+            each batch from the images when it is needed (the training data need not fit in memory; slower, since
+            every epoch reads them again); ``"auto"``: in memory when the patches take at most a quarter
+            (``IN_MEMORY_FRACTION``) of the memory available, else streamed (logged at INFO level). Both give the same
+            model at equal ``seed``. Models on cached embeddings (``features="X_..."``) always hold them in memory.
         seed
             Seeds the split, the initialisation (also of the ``"ridge_encoder"`` preset's random-init encoder), the
             augmentations and the batch order; on CPU a fixed seed gives identical models.
@@ -421,11 +443,23 @@ class ExpressionModel:
         if max_time is not None:
             max_time = _check_number(max_time, "max_time", "a number of seconds, e.g. 3600")
         progress_bar = settings.progress_bar if progress_bar is None else progress_bar
+        stream = _check_stream(stream)
+        strategy = check_strategy(strategy)
+        streamed = False
         if self.features is not None:
+            if stream is True:
+                raise ValueError(
+                    f"`stream=True` reads image patches lazily; this model trains on the cached embeddings "
+                    f"{self.features!r}, which are held in memory. Leave `stream` at 'auto' (or False)."
+                )
             data = self._feature_arrays(sdata, table_key=table_key, fill_missing_genes=fill_missing_genes, spots=spots)
         else:
-            with timed(f"Cutting training patches ({self.size_um:g} um, {self.size_px} px, context {self.context})"):
-                data = self._arrays(sdata, table_key=table_key, fill_missing_genes=fill_missing_genes, spots=spots)
+            data = self._arrays(sdata, table_key=table_key, fill_missing_genes=fill_missing_genes, spots=spots)
+            streamed = _streams(stream, data.patches.nbytes)
+            if not streamed:
+                cut = f"Cutting training patches ({self.size_um:g} um, {self.size_px} px, context {self.context})"
+                with timed(cut):
+                    data = data.in_memory()
         if len(data.patches) < 2:
             raise ValueError(f"Need at least 2 training spots, got {len(data.patches)}.")
         train_idx, val_idx = _split(data, val_fraction, val_sections, seed, per_section=per_section)
@@ -436,6 +470,8 @@ class ExpressionModel:
             "val_sections": None if val_sections is None else list(val_sections),
             "seed": seed,
         }
+        if self.features is None:
+            self.training_info["streamed"] = streamed
         if self.features is not None:
             self.training_info["features"] = self.features
         if not self.is_neural:
@@ -467,6 +503,7 @@ class ExpressionModel:
             lr=lr,
             accelerator=accelerator,
             devices=devices,
+            strategy=strategy,
             seed=seed,
             patience=patience,
             max_time=max_time,
@@ -485,6 +522,7 @@ class ExpressionModel:
         lr,
         accelerator,
         devices,
+        strategy,
         seed,
         patience,
         max_time,
@@ -516,15 +554,17 @@ class ExpressionModel:
                 data.positions_um, data.sections, self.config, n=len(data.patches), what="training spots"
             )
             neighbours = (data.patches, index[train_idx], index[val_idx])
+        train_set, val_set = data.subset(train_idx), data.subset(val_idx)  # lazy patches stay lazy
         with timed(f"Training the {self.preset!r} model on {len(train_idx)} spots ({len(val_idx)} validation)"):
             self.history, best_epoch = train(
                 module,
-                (data.patches[train_idx], data.targets[train_idx]),
-                (data.patches[val_idx], data.targets[val_idx]),
+                (train_set.patches, train_set.targets),
+                (val_set.patches, val_set.targets),
                 max_epochs=self.config.max_epochs,
                 batch_size=self.config.batch_size,
                 accelerator=accelerator,
                 devices=devices,
+                strategy=strategy,
                 seed=seed,
                 progress_bar=progress_bar,
                 patience=patience,
@@ -549,10 +589,8 @@ class ExpressionModel:
             lowres = self.config.augment_lowres if self.features is None else 0.0  # embeddings cannot be blurred
             with timed(f"Fitting the {probe['features']!r} ridge probe on {len(train_idx)} spots"):
                 self._probe = RidgeProbe(lowres=lowres, seed=seed, **probe)
-                glass = None if data.glass is None else data.glass[train_idx]
-                self._probe.fit(
-                    data.patches[train_idx], data.targets[train_idx], groups=data.sections[train_idx], glass=glass
-                )
+                # the probe reads the patches batch by batch (slices), so lazy patches are never all in memory
+                self._probe.fit(train_set.patches, train_set.targets, groups=train_set.sections, glass=train_set.glass)
         self.blend = self._choose_blend(data, val_idx)
         self._bank = bank  # predictions retrieve from every measured spot
         if self._probe is not None and len(val_idx) and self.blend.get("ridge", 0) > 0:
@@ -960,7 +998,7 @@ class ExpressionModel:
         """Patches ``start:stop`` as one uint8 array ``(b, s, 3, h, w)``, checked against the model's geometry."""
         if self.features is not None:  # embedding vectors, float32 (b, d)
             return np.ascontiguousarray(patches[start:stop], dtype=np.float32)
-        if isinstance(patches, np.ndarray):
+        if isinstance(patches, np.ndarray | LazyPatches):  # lazy training patches: one read per batch
             batch = np.ascontiguousarray(patches[start:stop])  # views with negative strides cannot go to torch
         else:
             batch = np.stack([np.asarray(patches[i]) for i in range(start, stop)])
@@ -1279,6 +1317,38 @@ def _mean_pcc(pred: np.ndarray, true: np.ndarray) -> float:
     denom = np.sqrt((p**2).sum(0) * (t**2).sum(0))
     r = np.divide((p * t).sum(0), denom, out=np.zeros(p.shape[1]), where=denom > 0)
     return float(r.mean())
+
+
+def _check_stream(stream) -> bool | str:
+    """``stream`` if it is True, False or ``"auto"``, else raise naming the choices."""
+    if isinstance(stream, bool | np.bool_):
+        return bool(stream)
+    if isinstance(stream, str) and stream == "auto":
+        return stream
+    raise ValueError(
+        f"`stream` must be True (read training patches batch by batch), False (read them all into memory first) "
+        f"or 'auto' (in memory when they fit, else streamed); got {stream!r}."
+    )
+
+
+def _streams(stream: bool | str, n_bytes: int) -> bool:
+    """Whether training patches of ``n_bytes`` are streamed: as asked, or for ``"auto"`` as the memory allows."""
+    from st_from_he._memory import available_bytes
+
+    if stream != "auto":
+        return bool(stream)
+    free = available_bytes()
+    budget = None if free is None else IN_MEMORY_FRACTION * free
+    streamed = budget is not None and n_bytes > budget
+    logger.info(
+        "Training patches: %.2f GB; %s",
+        n_bytes / 1e9,
+        f"more than {IN_MEMORY_FRACTION:.0%} of the {free / 1e9:.1f} GB available: streamed from the images batch by "
+        f"batch (`stream=False` to read them into memory)"
+        if streamed
+        else "read into memory (`stream=True` to stream them batch by batch instead)",
+    )
+    return streamed
 
 
 def _split(

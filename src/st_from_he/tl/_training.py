@@ -6,11 +6,15 @@ import contextlib
 import copy
 import datetime
 import logging
+import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from st_from_he._logging import logger
 from st_from_he._settings import settings
 
 _DEVICE_TYPES = ("cpu", "cuda", "mps")
@@ -82,9 +86,53 @@ def normalise_images(x, mean, std):
     return (x.float() / 255.0 - mean) / std
 
 
-class _SpotDataset:
-    """Map-style dataset over in-memory uint8 patches (or float embeddings) and targets (a torch Dataset by duck typing).
+def check_strategy(strategy):
+    """Return ``strategy`` if Lightning knows it (``"auto"``, a registered name, a ``Strategy``), else raise."""
+    fix = (
+        "use 'auto', 'ddp' (in a script, under `if __name__ == \"__main__\":`), 'ddp_spawn', 'ddp_notebook' (in "
+        "Jupyter), another name in `lightning.pytorch.strategies.StrategyRegistry`, or a "
+        "`lightning.pytorch.strategies.Strategy` object"
+    )
+    if isinstance(strategy, str) and strategy == "auto":
+        return strategy  # without importing lightning (the ridge presets never need it)
+    if isinstance(strategy, str):
+        from lightning.pytorch.strategies import StrategyRegistry
 
+        if strategy not in StrategyRegistry.available_strategies():
+            raise ValueError(f"Unknown `strategy` {strategy!r}; {fix}.")
+        return strategy
+    from lightning.pytorch.strategies import Strategy
+
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"`strategy` must be a strategy name or a Lightning Strategy; {fix}. Got {strategy!r}.")
+    return strategy
+
+
+class _Collate:
+    """Stack a batch's items; normalise its images (not cached embeddings) with the encoder's mean and std.
+
+    A class rather than a closure so that ``ddp_spawn`` can pickle the data loaders.
+    """
+
+    def __init__(self, mean, std, vectors: bool):
+        self.mean, self.std, self.vectors = mean, std, vectors
+
+    def __call__(self, items):
+        import torch
+
+        batch = torch.utils.data.default_collate(items)
+        if not self.vectors:
+            batch["image"] = normalise_images(batch["image"], self.mean, self.std)
+            if "neighbours" in batch:
+                batch["neighbours"] = normalise_images(batch["neighbours"], self.mean, self.std)
+        return batch
+
+
+class _SpotDataset:
+    """Map-style dataset over uint8 patches (or float embeddings) and targets (a torch Dataset by duck typing).
+
+    The patches are an in-memory array or :class:`~st_from_he.tl._data.LazyPatches`, which reads them from the
+    images when indexed: the data loader asks for a whole batch at once (``__getitems__``), one read per batch.
     With ``neighbours`` (an ``(n, K)`` index into ``pool``, ``-1`` padding), each item also carries its neighbours'
     patches ``"neighbours"`` ``(K, s, 3, h, w)`` (zeros in padded slots) and ``"neighbour_mask"`` ``(K,)``, ``True``
     where a slot is padding; without, an item is exactly ``{"image", "expression"}``.
@@ -104,17 +152,28 @@ class _SpotDataset:
         return len(self.patches)
 
     def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices) -> list[dict]:
+        """The items at ``indices``, their patches (and their neighbours') read in one go."""
         import torch
 
-        item = {"image": torch.from_numpy(self.patches[i]), "expression": torch.from_numpy(self.targets[i])}
+        indices = np.asarray(indices, dtype=np.intp)
+        images = np.asarray(self.patches[indices])
+        items = [
+            {"image": torch.from_numpy(image), "expression": torch.from_numpy(self.targets[i])}
+            for image, i in zip(images, indices, strict=True)
+        ]
         if self.neighbours is not None:
-            index = self.neighbours[i]
+            index = self.neighbours[indices]  # (b, K)
             padding = index < 0
-            patches = self.pool[np.where(padding, 0, index)]  # a copy: padded slots are blanked below
+            patches = np.asarray(self.pool[np.where(padding, 0, index).ravel()])  # a copy: padded slots blanked
+            patches = patches.reshape(*index.shape, *patches.shape[1:])
             patches[padding] = 0
-            item["neighbours"] = torch.from_numpy(patches)
-            item["neighbour_mask"] = torch.from_numpy(padding)
-        return item
+            for item, nb, pad in zip(items, patches, padding, strict=True):
+                item["neighbours"] = torch.from_numpy(nb)
+                item["neighbour_mask"] = torch.from_numpy(pad)
+        return items
 
 
 def neighbour_rows(positions_um, groups, config, *, n: int, what: str) -> np.ndarray:
@@ -178,11 +237,20 @@ def _quiet_lightning():
             lg.setLevel(level)
 
 
-def _make_callbacks(patience: int | None):
-    import lightning as L
+_CALLBACKS = ("_History", "_BestWeights", "_ShareRankZero")
 
-    class History(L.Callback):
-        """Per-epoch train and validation losses, kept in memory."""
+
+def _define_callbacks() -> None:
+    """Define the Lightning callbacks as module attributes (lightning is imported only when training).
+
+    At module level (not local to a function) so that ``ddp_spawn`` can pickle them; :func:`__getattr__` defines
+    them on first use in a spawned process.
+    """
+    import lightning as L
+    import torch
+
+    class _History(L.Callback):
+        """Per-epoch train and validation losses, kept in memory (averaged over all processes under DDP)."""
 
         def __init__(self):
             self.rows: list[dict] = []
@@ -193,8 +261,12 @@ def _make_callbacks(patience: int | None):
             row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train_", "val_"))}
             self.rows.append(row)
 
-    class BestWeights(L.Callback):
-        """A copy of the weights at the lowest validation loss (the best checkpoint, held in memory)."""
+    class _BestWeights(L.Callback):
+        """A copy of the weights at the lowest validation loss (the best checkpoint, held in memory).
+
+        Under DDP the validation loss is the mean over all processes (logged with ``sync_dist``) and the weights
+        are the same on every process, so every process keeps the same best epoch.
+        """
 
         def __init__(self):
             self.best, self.state, self.epoch = np.inf, None, -1
@@ -207,12 +279,83 @@ def _make_callbacks(patience: int | None):
                 self.best, self.epoch = loss, trainer.current_epoch
                 self.state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.state_dict().items()})
 
-    callbacks = [History(), BestWeights()]
+    class _ShareRankZero(L.Callback):
+        """Rank 0 writes the history and the best weights to a file, for a main process that did not train.
+
+        With ``ddp_spawn`` or ``ddp_notebook`` the training runs in child processes, whose callbacks are copies;
+        the main process reads rank 0's record from ``path`` (see :func:`train`).
+        """
+
+        def __init__(self, history, best, path: str):
+            self.history, self.best, self.path = history, best, path
+
+        def on_train_end(self, trainer, pl_module):
+            if trainer.world_size > 1 and trainer.is_global_zero:
+                record = {"pid": os.getpid(), "rows": self.history.rows, "best": self.best.best}
+                record |= {"epoch": self.best.epoch, "state": self.best.state}
+                torch.save(record, self.path)
+
+    for cls in (_History, _BestWeights, _ShareRankZero):
+        cls.__qualname__ = cls.__name__
+        globals()[cls.__name__] = cls
+
+
+def __getattr__(name: str):
+    if name in _CALLBACKS:
+        _define_callbacks()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _make_callbacks(patience: int | None, record: str):
+    import lightning as L
+
+    if "_History" not in globals():
+        _define_callbacks()
+    history, best = _History(), _BestWeights()  # noqa: F821 (defined by _define_callbacks)
+    callbacks = [history, best, _ShareRankZero(history, best, record)]  # noqa: F821
     if patience:
         callbacks.append(
             L.pytorch.callbacks.EarlyStopping("val_loss", patience=patience, mode="min", check_on_train_epoch_end=False)
         )
     return callbacks
+
+
+def _rank_zero_record(history, best, record: Path) -> None:
+    """Take rank 0's history and best weights from ``record`` if training ran in other processes."""
+    import torch
+
+    if not record.is_file():
+        return
+    saved = torch.load(record, weights_only=False)
+    if saved["pid"] != os.getpid():  # written by a spawned or forked rank 0, not by this process
+        history.rows = saved["rows"]
+        best.best, best.epoch, best.state = saved["best"], saved["epoch"], saved["state"]
+
+
+def _warn_if_fork_may_hang(trainer) -> None:
+    """Warn before forking training processes (``ddp_notebook``) after numba ran OpenMP threads in this one.
+
+    Forked processes then hung in DDP's first broadcast here (numba's "omp" threading layer, which scanpy's
+    functions such as :func:`st_from_he.pp.select_genes` start, with ``OMP_NUM_THREADS`` set).
+    """
+    import sys
+
+    if trainer.num_devices < 2 or getattr(trainer.strategy, "_start_method", None) != "fork":
+        return
+    numba = sys.modules.get("numba")
+    try:
+        layer = numba.threading_layer() if numba is not None else None
+    except ValueError:  # no parallel numba function has run: no OpenMP threads to inherit
+        layer = None
+    if layer == "omp":
+        logger.warning(
+            "Forking %d training processes after numba started OpenMP threads in this one: they can hang in DDP's "
+            "first broadcast (seen with OMP_NUM_THREADS set). If training does not start, restart and set the "
+            "environment variable NUMBA_THREADING_LAYER=workqueue before importing anything, or run a script with "
+            "strategy='ddp'.",
+            trainer.num_devices,
+        )
 
 
 def train(
@@ -225,6 +368,7 @@ def train(
     accelerator: str,
     devices,
     seed: int,
+    strategy="auto",
     progress_bar: bool,
     patience: int | None,
     max_time: float | None = None,
@@ -236,7 +380,9 @@ def train(
     attention): ``(pool, train_index, val_index)``, the index arrays ``(n, K)`` giving for each training and
     validation spot the rows of ``pool`` (uint8 patches) of its neighbours, ``-1`` for padding; each batch then
     carries ``"neighbours"`` (normalised like the images) and ``"neighbour_mask"``. Without it, batches hold
-    ``"image"`` and ``"expression"`` only.
+    ``"image"`` and ``"expression"`` only. Patches may be in-memory arrays or
+    :class:`~st_from_he.tl._data.LazyPatches` (read batch by batch). ``strategy`` and ``devices`` go to the
+    Trainer (several devices: data-parallel); the history and best weights are rank 0's.
     """
     import lightning as L
     import torch
@@ -246,15 +392,7 @@ def train(
     mean, std = module.config.image_mean, module.config.image_std
     vectors = module.config.features is not None  # cached embeddings: the module standardises them itself
     generator = torch.Generator().manual_seed(seed)
-
-    def collate(items):
-        batch = torch.utils.data.default_collate(items)
-        if not vectors:
-            batch["image"] = normalise_images(batch["image"], mean, std)
-            if "neighbours" in batch:
-                batch["neighbours"] = normalise_images(batch["neighbours"], mean, std)
-        return batch
-
+    collate = _Collate(mean, std, vectors)
     loader_args = {"batch_size": batch_size, "num_workers": settings.num_workers, "collate_fn": collate}
     # drop_last keeps a lone last spot from making a one-element contrastive batch
     pool, train_nb, val_nb = (None, None, None) if neighbours is None else neighbours
@@ -267,13 +405,16 @@ def train(
     )
     val_loader = DataLoader(_SpotDataset(*val_data, val_nb, pool), shuffle=False, **loader_args)
     use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    callbacks = _make_callbacks(patience)
-    with _quiet_lightning():
+    scratch = tempfile.TemporaryDirectory(prefix="sth-train-")
+    record = Path(scratch.name) / "rank0.pt"
+    callbacks = _make_callbacks(patience, str(record))
+    with scratch, _quiet_lightning():
         trainer = L.Trainer(
             max_epochs=max_epochs,
             max_time=None if max_time is None else datetime.timedelta(seconds=max_time),
             accelerator="cuda" if use_cuda else ("cpu" if accelerator == "auto" else accelerator),
             devices=devices,
+            strategy=strategy,
             precision="bf16-mixed" if use_cuda else "32-true",
             deterministic=not use_cuda,
             logger=False,
@@ -284,8 +425,10 @@ def train(
             num_sanity_val_steps=0,
             log_every_n_steps=1,
         )
+        _warn_if_fork_may_hang(trainer)
         trainer.fit(module, train_loader, val_loader)
-    history, best = callbacks[0], callbacks[1]
+        history, best = callbacks[0], callbacks[1]
+        _rank_zero_record(history, best, record)
     if best.state is not None:
         module.load_state_dict(best.state)
     module.eval()
