@@ -1,0 +1,188 @@
+"""Inference speed of the default preset on her2st C6: the hand-crafted features' NumPy path against the torch one.
+
+Fits a small ``default`` model (300 random spots of C2-C5 + B4, 1 epoch: the speed of inference does not depend on
+how well it is trained), then predicts the 178 spots of C6 on 2 CPU threads, with the ridge probe's hand-crafted and
+blob features computed by
+
+- ``numpy``: the NumPy/SciPy reference implementation, the code path before the torch features (the baseline);
+- ``torch``: :func:`st_from_he.models._handcrafted_torch.probe_features_torch` on the CPU (the default now).
+
+Reported, each as spots per second and its ratio to the baseline measured in the same run: the features alone
+(``RidgeProbe.featurize`` of the patches cut beforehand), and the whole ``predict_expression`` with the image decoded
+beforehand; the share of the features, the network and the rest; the first prediction on a freshly loaded section
+(JPEG decode included); the network with its batch norms folded into the convolutions and channels-last memory (a
+change requested for ``tl/_model.py``, measured here on the network alone); and, when CUDA is available, the same on
+the GPU. Run: ``python benchmarks/inference.py [--data ../shared/data/her2st]``; writes
+``benchmarks/results/inference.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+
+
+def best_of(func, repeats: int) -> float:
+    """Shortest wall time of ``repeats`` calls (the machine is shared: the least disturbed run)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def use_features(model, device):
+    """Make the model's probe compute its features on ``device`` (``None``: the NumPy reference), in prediction."""
+    from st_from_he.tl._baselines import RidgeProbe
+
+    probe = model._probe
+
+    def featurize(patches, glass=None, **_):
+        return RidgeProbe.featurize(probe, patches, glass, device=device)
+
+    probe.featurize = featurize
+
+
+class Timed:
+    """Wraps a callable and adds up the seconds spent in it."""
+
+    def __init__(self, func):
+        self.func, self.seconds = func, 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.func(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def main(args) -> str:
+    import torch
+
+    import st_from_he as sth
+
+    torch.set_num_threads(2)
+    data = Path(args.data)
+    sdata = sth.datasets.her2st(path=data)
+    train, test = sth.pp.split_sections(sdata, test=["C6"])
+    genes = sth.pp.select_genes(train, n_top=1000)
+    names = train.tables["table"].obs_names
+    spots = list(names[np.random.default_rng(0).permutation(len(names))[: args.n_spots]])
+    model = sth.tl.ExpressionModel(genes, preset="default")
+    model.fit(train, max_epochs=1, patience=None, progress_bar=False, spots=spots)
+
+    patches = sth.pp.extract_patches(test, size_um=model.size_um, size_px=model.size_px, context=model.context)
+    x = np.stack([patches[i] for i in range(len(patches))])  # decodes the image, cut once
+    glass = patches.glass_per_spot()
+    n = len(x)
+    rows, lines = {}, []
+
+    # ---- the features alone
+    probe = model._probe
+    for name, device in (("numpy", None), ("torch", "cpu")):
+        probe.featurize(x[:8], glass[:8], device=device)  # warm-up (imports, tables)
+        rows[name] = {"features": n / best_of(lambda d=device: probe.featurize(x, glass, device=d), 3)}
+
+    # ---- end to end, image decoded beforehand; the time in the features and in the network
+    module = model._module
+    for name, device in (("numpy", None), ("torch", "cpu")):
+        use_features(model, device)
+        timers = {"features": Timed(probe.featurize), "network": Timed(module.embed_images)}
+        probe.featurize, module.embed_images = timers["features"], timers["network"]
+        wall = best_of(lambda: sth.tl.predict_expression(test, model, progress_bar=False, overwrite=True), 2)
+        rows[name] |= {
+            "end_to_end": n / wall,
+            "share_features": timers["features"].seconds / 2 / wall,
+            "share_network": timers["network"].seconds / 2 / wall,
+        }
+        del module.embed_images
+    use_features(model, "cpu")
+
+    # ---- a freshly loaded section: JPEG decode included (once: the decode is the same for both paths)
+    fresh = sth.datasets.her2st(["C6"], path=data)
+    start = time.perf_counter()
+    sth.tl.predict_expression(fresh, model, progress_bar=False)
+    cold = n / (time.perf_counter() - start)
+
+    # ---- the network alone, as it is and with batch norms folded + channels-last (requested for tl/_model.py)
+    from torch.fx.experimental.optimization import fuse
+
+    from st_from_he.tl._training import normalise_images
+
+    images = normalise_images(torch.from_numpy(x), model.config.image_mean, model.config.image_std).flatten(0, 1)
+    encoder = module.encoder.model.features.eval()
+    folded = fuse(copy.deepcopy(encoder)).to(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        net = {
+            "as is": n / best_of(lambda: [encoder(b) for b in images.split(128)], 3),
+            "folded": n
+            / best_of(lambda: [folded(b.contiguous(memory_format=torch.channels_last)) for b in images.split(128)], 3),
+        }
+        check = max((encoder(b) - folded(b)).abs().max().item() for b in images[:128].split(64))
+
+    # ---- CUDA
+    cuda = torch.cuda.is_available()
+    if cuda:
+        probe.featurize(x[:8], glass[:8], device="cuda")
+        torch.cuda.synchronize()
+        rows["torch (CUDA)"] = {"features": n / best_of(lambda: probe.featurize(x, glass, device="cuda"), 3)}
+        use_features(model, "cuda")
+        wall = best_of(
+            lambda: sth.tl.predict_expression(test, model, progress_bar=False, overwrite=True, device="cuda"), 2
+        )
+        rows["torch (CUDA)"]["end_to_end"] = n / wall
+
+    base = rows["numpy"]
+    lines += [
+        f"Default preset fitted on {args.n_spots} random spots of her2st C2-C5 + B4 (1 epoch), predicting the {n} "
+        f"spots of C6 ({model.size_px} px patches, context {model.context}) on 2 CPU threads "
+        f"({torch.__version__}). Ratios against `numpy`, the NumPy/SciPy features (the code path before this "
+        "change), measured in the same run; best of 3 (features) or 2 (end to end) runs on a shared machine.",
+        "",
+        "| features | features only (spots/s) | ratio | end to end, image decoded (spots/s) | ratio | "
+        "time in features | time in the network |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        shares = f"{r['share_features']:.0%} | {r['share_network']:.0%}" if "share_features" in r else "- | -"
+        lines.append(
+            f"| {name} | {r['features']:.0f} | {r['features'] / base['features']:.1f}x | {r['end_to_end']:.0f} | "
+            f"{r['end_to_end'] / base['end_to_end']:.1f}x | {shares} |"
+        )
+    if not cuda:
+        lines += ["", "No CUDA device on this machine: the CUDA row is not measured (the code runs and says so)."]
+    new = rows["torch"]
+    network_s = new["share_network"] / new["end_to_end"]
+    projected = 1 / (1 / new["end_to_end"] - network_s + network_s * net["as is"] / net["folded"])
+    lines += [
+        "",
+        f"First prediction on a freshly loaded C6 (JPEG decode included), torch features: {cold:.0f} spots/s.",
+        "",
+        f"The network alone (the encoder over both scales of the {n} spots): {net['as is']:.0f} spots/s as it is, "
+        f"{net['folded']:.0f} spots/s with its batch norms folded into the convolutions and channels-last memory "
+        f"({net['folded'] / net['as is']:.1f}x; largest difference in the feature maps {check:.1e}). With that "
+        f"change, end to end would take about {projected:.0f} spots/s ({projected / base['end_to_end']:.1f}x the "
+        "baseline; projected from the network's share above, not measured).",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data" / "her2st"))
+    parser.add_argument("--n-spots", type=int, default=300)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    results = main(args)
+    print(results)
+    print(f"(benchmark wall time {time.perf_counter() - start:.0f} s)")
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "inference.md").write_text("# Inference speed of the default preset\n\n" + results + "\n")
