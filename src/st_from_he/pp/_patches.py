@@ -598,10 +598,18 @@ class _DecodedLevels:
     def get(self, levels: list) -> list[np.ndarray]:
         """The levels as uint8 arrays, computing the missing ones together."""
         import dask
+        import dask.array
 
         with self._lock:  # one decode per level, even when threads ask at once
             missing = [lvl for lvl in levels if lvl.name not in self._arrays]
-            for lvl, arr in zip(missing, dask.compute(*missing), strict=True):
+            if missing and all(lvl.npartitions > 1 for lvl in missing):
+                # tiled: chunks are written into place as they are decoded, never held twice (as concatenating
+                # them would); one store, so chunks shared between levels are computed once
+                arrays = [empty_uint8(lvl.shape) for lvl in missing]
+                dask.array.store(missing, arrays, lock=False)
+            else:  # one chunk (a decoded JPEG) is returned as it is, without a copy
+                arrays = dask.compute(*missing)
+            for lvl, arr in zip(missing, arrays, strict=True):
                 self._arrays[lvl.name] = np.ascontiguousarray(arr, dtype=np.uint8)
             for lvl in levels:
                 self._arrays.move_to_end(lvl.name)
