@@ -124,3 +124,25 @@ def test_ddp_on_two_cpu_processes(her2st_dir, genes, spots):
     assert ddp["best_epoch"] == int(np.argmin(val)) and ddp["finite"] and single["finite"]
     # each process saw half of every global batch: a comparable model, not the same one
     assert 0.5 < val[-1] / single["history"]["val_loss"][-1] < 2.0
+
+
+def test_batches_from_lazy_patches_equal_the_in_memory_ones(her2st_small, genes):
+    """The training data set reads a whole batch (and its neighbours, padded slots blank) at once from lazy patches."""
+    from st_from_he.tl._training import _SpotDataset
+
+    c6 = sth.pp.split_sections(her2st_small, test=["C6"])[1]
+    lazy = spot_arrays(c6, genes, size_um=112.0, size_px=32, context=(1.0, 3.0), lazy=True)
+    eager = lazy.in_memory()
+    rng = np.random.default_rng(0)
+    n = len(eager.patches)
+    neighbours = rng.integers(0, n, size=(n, 4))
+    neighbours[rng.random((n, 4)) < 0.3] = -1  # padding
+    batch = [7, 0, n - 1, 7]
+    items = [_SpotDataset(p.patches, p.targets, neighbours, p.patches).__getitems__(batch) for p in (eager, lazy)]
+    for a, b in zip(*items, strict=True):
+        assert set(a) == {"image", "expression", "neighbours", "neighbour_mask"}
+        for key in a:
+            np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+    first = items[1][0]
+    assert (first["neighbours"][first["neighbour_mask"]] == 0).all()
+    np.testing.assert_array_equal(first["image"].numpy(), eager.patches[7])
