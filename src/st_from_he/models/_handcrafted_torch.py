@@ -66,11 +66,12 @@ def probe_features_torch(patches: torch.Tensor, *, handcrafted: bool = True, blo
     if x.device.type == "mps":  # no float64 there, which NumPy's percentile interpolation takes: on the CPU
         return probe_features_torch(x.cpu(), handcrafted=handcrafted, blobs=blobs).to(x.device)
     scales = [x[:, s] for s in range(x.shape[1])]
+    stains = [_stains(p) for p in scales]  # once for both feature sets
     parts = []
     if handcrafted:
-        parts += [_handcrafted_one_scale(p) for p in scales]
+        parts += [_handcrafted_one_scale(p, *stain) for p, stain in zip(scales, stains, strict=True)]
     if blobs:
-        parts += [_blobs_one_scale(p) for p in scales]
+        parts += [_blobs_one_scale(p, *stain) for p, stain in zip(scales, stains, strict=True)]
     return torch.cat(parts, dim=1)
 
 
@@ -254,13 +255,15 @@ def _stats(x: torch.Tensor, levels: torch.Tensor | None = None, extra: tuple[flo
 # ---- hand-crafted features -------------------------------------------------------------------------------------------
 
 
-def _handcrafted_one_scale(patches: torch.Tensor) -> torch.Tensor:
-    """The 36 columns of :func:`~._handcrafted.handcrafted_features` of uint8 patches ``(n, 3, h, w)``."""
+def _handcrafted_one_scale(patches: torch.Tensor, haem: torch.Tensor, eosin: torch.Tensor) -> torch.Tensor:
+    """The 36 columns of :func:`~._handcrafted.handcrafted_features` of uint8 patches ``(n, 3, h, w)``.
+
+    ``haem``, ``eosin``: their stain densities ``(n, h * w)`` (:func:`_stains`).
+    """
     n, _, h, w = patches.shape
     levels = patches.reshape(n, 3, -1)
     rgb = levels.float()
     grey = (rgb[:, 0] + rgb[:, 1] + rgb[:, 2]) / 3  # the reference's mean over channels: exact sum, one division
-    haem, eosin = _stains(patches)
     tissue = (grey < _BACKGROUND).float()
     features = [f for c in range(3) for f in _stats(rgb[:, c], levels[:, c])]
     *haem_stats, haem_75 = _stats(haem, extra=(75,))
@@ -362,17 +365,23 @@ def _filter_matrix(n: int, sigma: float, order: int) -> np.ndarray:
     return ndimage.gaussian_filter1d(np.eye(n), sigma, axis=0, order=order)
 
 
-def _blobs_one_scale(patches: torch.Tensor) -> torch.Tensor:
-    """The 12 columns of :func:`~._handcrafted.stain_blob_features` of uint8 patches ``(n, 3, h, w)``."""
+@lru_cache(maxsize=16)
+def _filter_matrices(n: int) -> torch.Tensor:
+    """float32 ``(6 n, n)``: for each blob width, the matrices of its second-derivative and smoothing filters."""
+    blocks = [_filter_matrix(n, sigma, order) for sigma in _BLOB_SIGMAS for order in (2, 0)]
+    return torch.from_numpy(np.concatenate(blocks).astype(np.float32))
+
+
+def _blobs_one_scale(patches: torch.Tensor, haem: torch.Tensor, eosin: torch.Tensor) -> torch.Tensor:
+    """The 12 columns of :func:`~._handcrafted.stain_blob_features` of uint8 patches ``(n, 3, h, w)``.
+
+    ``haem``, ``eosin``: their stain densities ``(n, h * w)`` (:func:`_stains`).
+    """
     n, _, h, w = patches.shape
-    haem, eosin = _stains(patches)
     stains = torch.stack([haem, eosin], dim=1).reshape(2 * n, h, w)  # (patch, stain) pairs
-    device = patches.device
 
     def matrices(size):
-        return torch.from_numpy(
-            np.concatenate([_filter_matrix(size, s, order) for s in _BLOB_SIGMAS for order in (2, 0)])
-        ).to(device, torch.float32)
+        return _filter_matrices(size).to(patches.device)
 
     # along the columns first: one product for all widths and both derivative orders, (2n, h, [width, order, w])
     along_w = (stains.reshape(-1, w) @ matrices(w).T).reshape(2 * n, h, 2 * len(_BLOB_SIGMAS) * w)
