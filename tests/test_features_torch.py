@@ -102,6 +102,8 @@ def test_bad_input_is_refused_clearly(patches):
         stain_blob_features_torch(torch.from_numpy(patches).float())
     with pytest.raises(ValueError, match=r"shape \(n, 3, h, w\) or \(n, s, 3, h, w\), got \(40, 2, 4,"):
         probe_features_torch(torch.zeros((40, 2, 4, 16, 16), dtype=torch.uint8))
+    with pytest.raises(ValueError, match="the blob features or both"):
+        probe_features_torch(torch.from_numpy(patches), handcrafted=False, blobs=False)
     with pytest.raises(ValueError, match="7 x 16 px are too small"):
         probe_features_torch(torch.zeros((2, 3, 7, 16), dtype=torch.uint8))
 

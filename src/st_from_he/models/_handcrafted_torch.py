@@ -62,6 +62,8 @@ def probe_features_torch(patches: torch.Tensor, *, handcrafted: bool = True, blo
     The column layout of ``np.concatenate([handcrafted_features(p), stain_blob_features(p)], axis=1)``; the optical
     densities are computed once for both.
     """
+    if not (handcrafted or blobs):
+        raise ValueError("Ask for the hand-crafted features, the blob features or both (`handcrafted`, `blobs`).")
     x = _check_patches(patches)
     if x.device.type == "mps":  # no float64 there, which NumPy's percentile interpolation takes: on the CPU
         return probe_features_torch(x.cpu(), handcrafted=handcrafted, blobs=blobs).to(x.device)
