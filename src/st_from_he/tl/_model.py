@@ -492,7 +492,13 @@ class ExpressionModel:
                     rank=self.config.get("rank"),
                     white_balance=self.config.get("white_balance", False),
                 )
-                self._probe.fit(data.patches, data.targets, groups=data.sections, glass=data.glass)
+                self._probe.fit(
+                    data.patches,
+                    data.targets,
+                    groups=data.sections,
+                    glass=data.glass,
+                    device=_feature_device(accelerator),
+                )
             return self
         self._fit_neural(
             data,
@@ -590,7 +596,13 @@ class ExpressionModel:
             with timed(f"Fitting the {probe['features']!r} ridge probe on {len(train_idx)} spots"):
                 self._probe = RidgeProbe(lowres=lowres, seed=seed, **probe)
                 # the probe reads the patches batch by batch (slices), so lazy patches are never all in memory
-                self._probe.fit(train_set.patches, train_set.targets, groups=train_set.sections, glass=train_set.glass)
+                self._probe.fit(
+                    train_set.patches,
+                    train_set.targets,
+                    groups=train_set.sections,
+                    glass=train_set.glass,
+                    device=_feature_device(accelerator),
+                )
         self.blend = self._choose_blend(data, val_idx)
         self._bank = bank  # predictions retrieve from every measured spot
         if self._probe is not None and len(val_idx) and self.blend.get("ridge", 0) > 0:
@@ -598,7 +610,13 @@ class ExpressionModel:
             # chosen on its own training spots needs no held-out spots (on the cross-patient fold, 10% fewer
             # training spots cost 0.01-0.04 HVG PCC: benchmarks/results/probe_variants.md)
             with timed(f"Refitting the ridge probe on all {len(data.patches)} spots"):
-                self._probe.fit(data.patches, data.targets, groups=data.sections, glass=data.glass)
+                self._probe.fit(
+                    data.patches,
+                    data.targets,
+                    groups=data.sections,
+                    glass=data.glass,
+                    device=_feature_device(accelerator),
+                )
             self.training_info["probe_spots"] = len(data.patches)
 
     def _embed_expression(self, expression: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -701,7 +719,7 @@ class ExpressionModel:
             for start in tqdm(starts, disable=not progress_bar, desc="Predicting", unit="batch"):
                 batch = self._stack(patches, start, min(start + batch_size, len(patches)))
                 if self._probe is not None:
-                    ridge.append(self._probe.featurize(batch, _rows(glass, start, len(batch))))
+                    ridge.append(self._probe.featurize(batch, _rows(glass, start, len(batch)), device=device))
                 x = torch.from_numpy(batch).to(device)
                 if self.features is None:  # embeddings are standardised by the module itself
                     x = normalise_images(x, self.config.image_mean, self.config.image_std)
@@ -970,9 +988,14 @@ class ExpressionModel:
 
             glass = glass_per_patch(glass, len(patches))
         if not self.is_neural:
+            from ._training import resolve_device
+
+            feature_device = resolve_device(device)  # hand-crafted features in torch, on the GPU when there is one
             features = [
                 self._probe.featurize(
-                    self._stack(patches, i, min(i + batch_size, len(patches))), _rows(glass, i, batch_size)
+                    self._stack(patches, i, min(i + batch_size, len(patches))),
+                    _rows(glass, i, batch_size),
+                    device=feature_device,
                 )
                 for i in tqdm(range(0, len(patches), batch_size), disable=not progress_bar, desc="Predicting")
             ]
@@ -1294,6 +1317,16 @@ def informative_genes(targets: np.ndarray, n: int = BLEND_GENES) -> np.ndarray:
     columns, n = range(targets.shape[1]), min(n, targets.shape[1])
     # the same ranking as evaluation's HVG and HEG
     return np.union1d(*(np.asarray(_top_genes(targets, columns, n, by=by), dtype=int) for by in ("var", "mean")))
+
+
+def _feature_device(accelerator) -> str:
+    """Where a probe's hand-crafted features are computed while fitting: the GPU the training may use, else the CPU."""
+    from ._training import resolve_device
+
+    if accelerator in ("auto", "gpu", "cuda"):
+        device = resolve_device("auto")
+        return device if device.startswith("cuda") else "cpu"
+    return "cpu"
 
 
 def _rows(values, start: int, n: int):
