@@ -164,6 +164,25 @@ def test_default_preset_blends_regression_retrieval_and_ridge(tmp_path, split, g
     assert model._probe.lowres == model.config.augment_lowres == 4.0  # the probe is trained on blurred copies too
     # the blend is scored on the validation spots' 50 most variable and 50 most expressed genes: here all 40
     assert info["blend_genes"] == len(genes)
+    # predictions are blended batch by batch into one array: the weighted sum of the components, as computed apart
+    parts, _ = model._predict_parts(patches, groups=patches.samples, glass=patches.glass_per_spot(), device="cpu")
+    weighed = sum(model.blend[name] * parts[name] for name in parts)
+    blended, _ = model._predict_parts(
+        patches, groups=patches.samples, glass=patches.glass_per_spot(), device="cpu", batch_size=7, blend=model.blend
+    )
+    np.testing.assert_allclose(blended["blend"], weighed, rtol=1e-6, atol=1e-6)
+    # a component of weight 0 is not computed at all
+    only_ridge, _ = model._predict_parts(
+        patches[:20],
+        groups=patches.samples[:20],
+        glass=patches.glass_per_spot()[:20],
+        device="cpu",
+        blend={"regression": 0.0, "retrieval": 0.0, "ridge": 1.0},
+    )
+    unblended, _ = model._predict_parts(
+        patches[:20], groups=patches.samples[:20], glass=patches.glass_per_spot()[:20], device="cpu"
+    )
+    np.testing.assert_allclose(only_ridge["blend"], unblended["ridge"], rtol=1e-6, atol=1e-6)
 
 
 def test_informative_genes_are_the_most_variable_and_most_expressed():

@@ -55,6 +55,10 @@ _RIDGE_PREFIX = "ridge_"  # arrays of a neural model's ridge probe, beside its r
 # Fewest validation spots to choose blend weights on; with fewer, the components are weighed equally (on 5 spots of a
 # 50-spot few-shot fit, the choice went all to retrieval, whose top 50 of a 50-spot bank is one constant profile)
 MIN_BLEND_SPOTS = 10
+# The components a neural model's prediction may blend, in the order they are summed.
+_COMPONENTS = ("regression", "retrieval", "ridge")
+# Spots per in-place step when a component is added into the blended predictions (bounds the temporaries).
+_BLEND_CHUNK = 4096
 _GENES_KEY = "model_genes"  # the genes, also in arrays.npz: a model.json whose genes were edited is refused
 # `fit(stream="auto")` holds the training patches in memory when they take at most this fraction of the memory
 # available (the rest is left for the network, the probe's features and the decoded images), else streams them
@@ -691,8 +695,13 @@ class ExpressionModel:
         device: str,
         batch_size: int = 64,
         progress_bar: bool = False,
+        blend: dict[str, float] | None = None,
     ):
         """Each component's prediction (regression head, retrieval, ridge probe) and the image embeddings.
+
+        With ``blend`` (weights by component) the components are summed batch by batch into one array instead,
+        returned as ``{"blend": sum}``: on a whole slide the predictions then take one ``(n, genes)`` array, whatever
+        the number of components, and components of weight 0 are not computed.
 
         A model with neighbour attention encodes every patch once, then lets each spot attend over the features of
         its neighbours among these patches (centres ``positions_um``, same group), so the output does not depend
@@ -713,12 +722,23 @@ class ExpressionModel:
         bank = None
         if self._bank is not None:
             bank = {k: torch.from_numpy(v).to(device) for k, v in self._bank.items()}
-        regression, retrieval, ridge, embeddings, features = [], [], [], [], []
+        wanted = {"regression", "retrieval", "ridge"} if blend is None else {k for k, w in blend.items() if w}
+        parts = _Parts(len(patches), len(self.genes), blend)
+        ridge, embeddings, features = [], [], []
         starts = range(0, len(patches), batch_size)
+
+        def heads(emb, start):
+            embeddings.append(emb.float().cpu().numpy())
+            if module.regression is not None and "regression" in wanted:
+                parts.add("regression", start, module.regression(emb).float().cpu().numpy())
+            if bank is not None and "retrieval" in wanted:
+                retrieved = retrieve(emb, bank["embedding"], bank["expression"], k=self.config.top_k)
+                parts.add("retrieval", start, retrieved.float().cpu().numpy())
+
         with torch.inference_mode():
             for start in tqdm(starts, disable=not progress_bar, desc="Predicting", unit="batch"):
                 batch = self._stack(patches, start, min(start + batch_size, len(patches)))
-                if self._probe is not None:
+                if self._probe is not None and "ridge" in wanted:
                     ridge.append(self._probe.featurize(batch, _rows(glass, start, len(batch)), device=device))
                 x = torch.from_numpy(batch).to(device)
                 if self.features is None:  # embeddings are standardised by the module itself
@@ -726,36 +746,26 @@ class ExpressionModel:
                 if index is not None:  # heads once every neighbour is encoded (below)
                     features.append(module.encode_features(x))
                     continue
-                emb = module.embed_images(x)
-                embeddings.append(emb.float().cpu().numpy())
-                if module.regression is not None:
-                    regression.append(module.regression(emb).float().cpu().numpy())
-                if bank is not None:
-                    retrieval.append(
-                        retrieve(emb, bank["embedding"], bank["expression"], k=self.config.top_k).float().cpu().numpy()
-                    )
+                heads(module.embed_images(x), start)
             if index is not None:
                 features = torch.cat(features)
                 nb = torch.from_numpy(index).to(device)
                 for start in starts:
                     rows = nb[start : start + batch_size]
-                    emb = module.embed_features(
-                        features[start : start + batch_size], features[rows.clamp_min(0)], rows < 0
+                    heads(
+                        module.embed_features(
+                            features[start : start + batch_size], features[rows.clamp_min(0)], rows < 0
+                        ),
+                        start,
                     )
-                    embeddings.append(emb.float().cpu().numpy())
-                    if module.regression is not None:
-                        regression.append(module.regression(emb).float().cpu().numpy())
-                    if bank is not None:
-                        retrieved = retrieve(emb, bank["embedding"], bank["expression"], k=self.config.top_k)
-                        retrieval.append(retrieved.float().cpu().numpy())
         module.cpu()
         if ridge:  # standardised per section, so predicted once all features are in
-            ridge = [
-                self._probe.predict_features(np.concatenate(ridge), groups, min_section_spots=min_section_spots)[0]
-            ]
-        parts = {"regression": regression, "retrieval": retrieval, "ridge": ridge}
-        parts = {name: np.concatenate(chunks).astype(np.float32) for name, chunks in parts.items() if chunks}
-        return parts, np.concatenate(embeddings).astype(np.float32)
+            parts.add(
+                "ridge",
+                0,
+                self._probe.predict_features(np.concatenate(ridge), groups, min_section_spots=min_section_spots)[0],
+            )
+        return parts.result(), np.concatenate(embeddings).astype(np.float32)
 
     def predict_patches(
         self,
@@ -1009,8 +1019,9 @@ class ExpressionModel:
                 device=device,
                 batch_size=batch_size,
                 progress_bar=progress_bar,
+                blend=self.blend,
             )
-            expression = sum(self.blend[name] * parts[name] for name in parts).astype(np.float32)
+            expression = parts["blend"]
         if self.neighbour_smoothing and positions is not None:
             from st_from_he.models import smooth_neighbours
 
@@ -1317,6 +1328,34 @@ def informative_genes(targets: np.ndarray, n: int = BLEND_GENES) -> np.ndarray:
     columns, n = range(targets.shape[1]), min(n, targets.shape[1])
     # the same ranking as evaluation's HVG and HEG
     return np.union1d(*(np.asarray(_top_genes(targets, columns, n, by=by), dtype=int) for by in ("var", "mean")))
+
+
+class _Parts:
+    """The components' predictions, batch by batch: kept apart, or (``blend``) summed into one array as they come."""
+
+    def __init__(self, n: int, n_genes: int, blend: dict[str, float] | None):
+        self.blend = blend
+        self.chunks: dict[str, list[np.ndarray]] = {}
+        # summed in the order regression, retrieval, ridge, as before whole-array blending
+        self.total = None if blend is None else np.zeros((n, n_genes), np.float32)
+
+    def add(self, name: str, start: int, values: np.ndarray) -> None:
+        if self.blend is None:
+            self.chunks.setdefault(name, []).append(values)
+            return
+        rows = slice(start, start + len(values))
+        for chunk in range(rows.start, rows.stop, _BLEND_CHUNK):  # bounded temporaries for the ridge's whole array
+            part = slice(chunk, min(chunk + _BLEND_CHUNK, rows.stop))
+            self.total[part] += self.blend[name] * values[part.start - start : part.stop - start]
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.blend is None:
+            return {
+                name: np.concatenate(self.chunks[name]).astype(np.float32)
+                for name in _COMPONENTS
+                if name in self.chunks
+            }
+        return {"blend": self.total}
 
 
 def _feature_device(accelerator) -> str:
