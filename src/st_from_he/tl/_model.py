@@ -496,13 +496,7 @@ class ExpressionModel:
                     rank=self.config.get("rank"),
                     white_balance=self.config.get("white_balance", False),
                 )
-                self._probe.fit(
-                    data.patches,
-                    data.targets,
-                    groups=data.sections,
-                    glass=data.glass,
-                    device=_feature_device(accelerator),
-                )
+                _fit_probe(self._probe, data, accelerator)
             return self
         self._fit_neural(
             data,
@@ -600,13 +594,7 @@ class ExpressionModel:
             with timed(f"Fitting the {probe['features']!r} ridge probe on {len(train_idx)} spots"):
                 self._probe = RidgeProbe(lowres=lowres, seed=seed, **probe)
                 # the probe reads the patches batch by batch (slices), so lazy patches are never all in memory
-                self._probe.fit(
-                    train_set.patches,
-                    train_set.targets,
-                    groups=train_set.sections,
-                    glass=train_set.glass,
-                    device=_feature_device(accelerator),
-                )
+                _fit_probe(self._probe, train_set, accelerator)
         self.blend = self._choose_blend(data, val_idx)
         self._bank = bank  # predictions retrieve from every measured spot
         if self._probe is not None and len(val_idx) and self.blend.get("ridge", 0) > 0:
@@ -614,13 +602,7 @@ class ExpressionModel:
             # chosen on its own training spots needs no held-out spots (on the cross-patient fold, 10% fewer
             # training spots cost 0.01-0.04 HVG PCC: benchmarks/results/probe_variants.md)
             with timed(f"Refitting the ridge probe on all {len(data.patches)} spots"):
-                self._probe.fit(
-                    data.patches,
-                    data.targets,
-                    groups=data.sections,
-                    glass=data.glass,
-                    device=_feature_device(accelerator),
-                )
+                _fit_probe(self._probe, data, accelerator)
             self.training_info["probe_spots"] = len(data.patches)
 
     def _embed_expression(self, expression: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -1356,6 +1338,11 @@ class _Parts:
                 if name in self.chunks
             }
         return {"blend": self.total}
+
+
+def _fit_probe(probe, data: SpotArrays, accelerator) -> None:
+    """Fit a ridge probe on the spots' patches and targets (its features on the training GPU, if there is one)."""
+    probe.fit(data.patches, data.targets, groups=data.sections, glass=data.glass, device=_feature_device(accelerator))
 
 
 def _feature_device(accelerator) -> str:
