@@ -48,7 +48,7 @@ def smooth_neighbours(
     """
     from scipy.spatial import cKDTree
 
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float32)  # float32 throughout: a whole slide's predictions are large
     positions = np.asarray(positions, dtype=np.float64)
     if positions.shape != (len(values), 2):
         raise ValueError(f"`positions` must be ({len(values)}, 2) spot centres, got {positions.shape}.")
@@ -61,7 +61,7 @@ def smooth_neighbours(
         raise ValueError(f"`groups` has {len(groups)} entries for {len(values)} spots.")
     out = values.copy()
     if weight == 0:
-        return out.astype(np.float32)
+        return out
     for group in np.unique(groups):
         rows = np.flatnonzero(groups == group)
         if len(rows) < 2:
@@ -75,10 +75,10 @@ def smooth_neighbours(
         if not len(pairs):
             continue
         i, j = np.concatenate([pairs[:, 0], pairs[:, 1]]), np.concatenate([pairs[:, 1], pairs[:, 0]])
-        adjacency = sparse.csr_matrix((np.ones(len(i)), (i, j)), shape=(len(rows), len(rows)))
-        degree = np.asarray(adjacency.sum(1)).ravel()
+        adjacency = sparse.csr_matrix((np.ones(len(i), np.float32), (i, j)), shape=(len(rows), len(rows)))
+        degree = np.asarray(adjacency.sum(1), dtype=np.float32).ravel()
         has = degree > 0
         mean = adjacency @ values[rows]
         mean[has] /= degree[has, None]
         out[rows[has]] = (1 - weight) * values[rows[has]] + weight * mean[has]
-    return out.astype(np.float32)
+    return out
