@@ -96,19 +96,7 @@ class RidgeProbe:
         rank: int | None = None,
         white_balance: bool = False,
     ):
-        if not is_feature_set(features):
-            raise ValueError(
-                f"Unknown `features` {features!r}; choose one of {list(FEATURE_SETS)}, or an obsm key of cached "
-                f"embeddings 'X_<name>' (from `sth.tl.embed`)."
-            )
-        if is_embedding_key(features) and lowres > 1:
-            raise ValueError(
-                "`lowres` blurs image patches; it does not apply to cached embeddings (`features='X_...'`)."
-            )
-        if hybrid_needs_handcrafted(per_section, features):
-            raise ValueError(f"`per_section='hybrid'` applies to hand-crafted features, not to {features!r}.")
-        if white_balance and features not in ("handcrafted", "handcrafted+blobs"):
-            raise ValueError(f"`white_balance` applies to hand-crafted features, not to {features!r}.")
+        check_probe_options(features, lowres=lowres, per_section=per_section, white_balance=white_balance)
         if rank is not None and rank < 1:
             raise ValueError(f"`rank` must be a positive number of principal axes or None, got {rank}.")
         self.features = features
@@ -478,9 +466,24 @@ def section_mode(per_section) -> str | bool:
     raise ValueError(f"`per_section` must be 'zscore' (or True), 'centre', 'hybrid' or False, got {per_section!r}.")
 
 
-def hybrid_needs_handcrafted(per_section, features) -> bool:
-    """Whether ``per_section`` is ``"hybrid"`` with features that are not hand-crafted (refused)."""
-    return section_mode(per_section) == "hybrid" and features not in ("handcrafted", "handcrafted+blobs")
+def check_probe_options(features, *, lowres, per_section, white_balance) -> None:
+    """Raise naming the option when the probe's options do not go together with its ``features``.
+
+    Shared by :class:`RidgeProbe` and the ridge presets of :class:`~st_from_he.tl.ExpressionModel`, which check
+    before any patch is cut.
+    """
+    if not is_feature_set(features):
+        raise ValueError(
+            f"Unknown `features` {features!r}; choose one of {list(FEATURE_SETS)}, or an obsm key of cached "
+            f"embeddings 'X_<name>' (from `sth.tl.embed`)."
+        )
+    if is_embedding_key(features) and lowres > 1:
+        raise ValueError("`lowres` blurs image patches; it does not apply to cached embeddings (`features='X_...'`).")
+    handcrafted = features in ("handcrafted", "handcrafted+blobs")
+    if section_mode(per_section) == "hybrid" and not handcrafted:  # section_mode also checks the value
+        raise ValueError(f"`per_section='hybrid'` applies to hand-crafted features, not to {features!r}.")
+    if white_balance and not handcrafted:
+        raise ValueError(f"`white_balance` applies to hand-crafted features, not to {features!r}.")
 
 
 def _as_uint8_tensor(patches):

@@ -1466,7 +1466,7 @@ def _blend_weights(blend, model: ExpressionModel) -> dict[str, float] | None:
 
 def _check_ridge_options(config: dict[str, Any]) -> None:
     """Raise naming the option if a ridge preset's options are out of range (before any patch is cut)."""
-    from ._baselines import FEATURE_SETS, hybrid_needs_handcrafted, is_feature_set
+    from ._baselines import check_probe_options
 
     _check_int(config["img_size"], "img_size", 8, "the patch side in pixels, e.g. 112")
     scales = config["context_scales"]
@@ -1476,23 +1476,18 @@ def _check_ridge_options(config: dict[str, Any]) -> None:
         _check_number(scale, "context_scales", "patch sides relative to the spot, e.g. (1, 3)")
     if not len(tuple(scales)):
         raise ValueError("`context_scales` is empty; give at least the spot scale, e.g. (1,).")
-    if not is_feature_set(config["features"]):
-        raise ValueError(
-            f"Unknown `features` {config['features']!r}; choose one of {list(FEATURE_SETS)}, or an obsm key of cached "
-            f"embeddings 'X_<name>' (from `sth.tl.embed`)."
-        )
     _check_int(config.get("rank"), "rank", 1, "a number of principal axes, e.g. 30, or None", none=True)
     lowres = config.get("lowres", 0.0)
     if isinstance(lowres, bool) or not isinstance(lowres, int | float | np.integer | np.floating) or not lowres >= 0:
         raise ValueError(f"`lowres` must be a blur factor >= 0 (e.g. 4; 0 or 1: off), got {lowres!r}.")
-    if is_embedding_key(config["features"]) and lowres > 1:
-        raise ValueError("`lowres` blurs image patches; it does not apply to cached embeddings (`features='X_...'`).")
-    if hybrid_needs_handcrafted(config.get("per_section", False), config["features"]):  # also checks the value
-        raise ValueError(f"`per_section='hybrid'` applies to hand-crafted features, not to {config['features']!r}.")
     if not isinstance(config.get("white_balance", False), bool | np.bool_):
         raise TypeError(f"`white_balance` must be True or False, got {config['white_balance']!r}.")
-    if config.get("white_balance") and config["features"] not in ("handcrafted", "handcrafted+blobs"):
-        raise ValueError(f"`white_balance` applies to hand-crafted features, not to {config['features']!r}.")
+    check_probe_options(
+        config["features"],
+        lowres=lowres,
+        per_section=config.get("per_section", False),
+        white_balance=config.get("white_balance", False),
+    )
     smoothing = config.get("neighbour_smoothing", 0.0)
     if isinstance(smoothing, bool) or not isinstance(smoothing, int | float | np.integer | np.floating):
         raise TypeError(f"`neighbour_smoothing` must be a weight in [0, 1], got {smoothing!r}.")
