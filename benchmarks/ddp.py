@@ -40,7 +40,7 @@ def _time_epochs(record: list) -> None:
     """Add a callback to every training run of this process that records each epoch's wall time."""
     import lightning as L
 
-    from st_from_he.tl import _training
+    from st_from_he.tl import _callbacks
 
     class EpochTimer(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
@@ -52,8 +52,8 @@ def _time_epochs(record: list) -> None:
         def on_train_start(self, trainer, pl_module):
             record.append(("start", time.perf_counter()))
 
-    make = _training._make_callbacks
-    _training._make_callbacks = lambda *args, **kwargs: [*make(*args, **kwargs), EpochTimer()]
+    make = _callbacks.make_callbacks  # `train` imports it at each call, so the patch is seen
+    _callbacks.make_callbacks = lambda *args, **kwargs: [*make(*args, **kwargs), EpochTimer()]
 
 
 def run(name: str, data: str, epochs: int, sections: list[str], out: str) -> None:

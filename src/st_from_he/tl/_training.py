@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import datetime
 import logging
 import os
@@ -237,90 +236,6 @@ def _quiet_lightning():
             lg.setLevel(level)
 
 
-_CALLBACKS = ("_History", "_BestWeights", "_ShareRankZero")
-
-
-def _define_callbacks() -> None:
-    """Define the Lightning callbacks as module attributes (lightning is imported only when training).
-
-    At module level (not local to a function) so that ``ddp_spawn`` can pickle them; :func:`__getattr__` defines
-    them on first use in a spawned process.
-    """
-    import lightning as L
-    import torch
-
-    class _History(L.Callback):
-        """Per-epoch train and validation losses, kept in memory (averaged over all processes under DDP)."""
-
-        def __init__(self):
-            self.rows: list[dict] = []
-
-        def on_train_epoch_end(self, trainer, pl_module):
-            # runs after the epoch's validation, so both train_* and val_* are final here
-            row = {"epoch": trainer.current_epoch}
-            row |= {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train_", "val_"))}
-            self.rows.append(row)
-
-    class _BestWeights(L.Callback):
-        """A copy of the weights at the lowest validation loss (the best checkpoint, held in memory).
-
-        Under DDP the validation loss is the mean over all processes (logged with ``sync_dist``) and the weights
-        are the same on every process, so every process keeps the same best epoch.
-        """
-
-        def __init__(self):
-            self.best, self.state, self.epoch = np.inf, None, -1
-
-        def on_validation_epoch_end(self, trainer, pl_module):
-            if trainer.sanity_checking:
-                return
-            loss = float(trainer.callback_metrics.get("val_loss", np.inf))
-            if loss < self.best:
-                self.best, self.epoch = loss, trainer.current_epoch
-                self.state = copy.deepcopy({k: v.detach().cpu() for k, v in pl_module.state_dict().items()})
-
-    class _ShareRankZero(L.Callback):
-        """Rank 0 writes the history and the best weights to a file, for a main process that did not train.
-
-        With ``ddp_spawn`` or ``ddp_notebook`` the training runs in child processes, whose callbacks are copies;
-        the main process reads rank 0's record from ``path`` (see :func:`train`).
-        """
-
-        def __init__(self, history, best, path: str):
-            self.history, self.best, self.path = history, best, path
-
-        def on_train_end(self, trainer, pl_module):
-            if trainer.world_size > 1 and trainer.is_global_zero:
-                record = {"pid": os.getpid(), "rows": self.history.rows, "best": self.best.best}
-                record |= {"epoch": self.best.epoch, "state": self.best.state}
-                torch.save(record, self.path)
-
-    for cls in (_History, _BestWeights, _ShareRankZero):
-        cls.__qualname__ = cls.__name__
-        globals()[cls.__name__] = cls
-
-
-def __getattr__(name: str):
-    if name in _CALLBACKS:
-        _define_callbacks()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _make_callbacks(patience: int | None, record: str):
-    import lightning as L
-
-    if "_History" not in globals():
-        _define_callbacks()
-    history, best = _History(), _BestWeights()  # noqa: F821 (defined by _define_callbacks)
-    callbacks = [history, best, _ShareRankZero(history, best, record)]  # noqa: F821
-    if patience:
-        callbacks.append(
-            L.pytorch.callbacks.EarlyStopping("val_loss", patience=patience, mode="min", check_on_train_epoch_end=False)
-        )
-    return callbacks
-
-
 def _rank_zero_record(history, best, record: Path) -> None:
     """Take rank 0's history and best weights from ``record`` if training ran in other processes."""
     import torch
@@ -388,6 +303,8 @@ def train(
     import torch
     from torch.utils.data import DataLoader
 
+    from ._callbacks import make_callbacks
+
     set_threads()
     mean, std = module.config.image_mean, module.config.image_std
     vectors = module.config.features is not None  # cached embeddings: the module standardises them itself
@@ -407,7 +324,7 @@ def train(
     use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     scratch = tempfile.TemporaryDirectory(prefix="sth-train-")
     record = Path(scratch.name) / "rank0.pt"
-    callbacks = _make_callbacks(patience, str(record))
+    callbacks = make_callbacks(patience, str(record))
     with scratch, _quiet_lightning():
         trainer = L.Trainer(
             max_epochs=max_epochs,
