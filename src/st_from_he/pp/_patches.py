@@ -286,6 +286,23 @@ def is_monolithic(array: da.Array) -> bool:
     return 0 < calls < array.npartitions
 
 
+def index_positions(index, n: int) -> np.ndarray:
+    """Positions ``0..n-1`` picked by a slice or a 1D array of ints (negative from the end) or bools, checked."""
+    if isinstance(index, slice):
+        return np.arange(n)[index]
+    idx = np.asarray(index)
+    if idx.dtype == bool:
+        if idx.shape != (n,):
+            raise IndexError(f"Boolean index of shape {idx.shape} does not match {n} patches.")
+        return np.flatnonzero(idx)
+    if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):  # [] is float to numpy
+        raise IndexError("Index with an int, a slice, or a 1D array of ints or bools.")
+    idx = idx.astype(np.intp)
+    if len(idx) and (idx.min() < -n or idx.max() >= n):
+        raise IndexError(f"Indices out of range for {n} patches.")
+    return idx % n if n else idx
+
+
 @dataclass(frozen=True)
 class _Section:
     """One section's image as the dataset reads it."""
@@ -448,18 +465,7 @@ class PatchDataset:
             if not -len(self) <= i < len(self):
                 raise IndexError(f"Index {i} is out of range for {len(self)} patches.")
             return self._patches(np.array([i % len(self)]))[0]
-        if isinstance(index, slice):
-            return self._patches(np.arange(len(self))[index])
-        idx = np.asarray(index)
-        if idx.dtype == bool:
-            if idx.shape != (len(self),):
-                raise IndexError(f"Boolean index of shape {idx.shape} does not match {len(self)} patches.")
-            idx = np.flatnonzero(idx)
-        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-            raise IndexError("Index with an int, a slice, or a 1D array of ints or bools.")
-        if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
-            raise IndexError(f"Indices out of range for {len(self)} patches.")
-        return self._patches(idx % len(self) if len(self) else idx)
+        return self._patches(index_positions(index, len(self)))
 
     @property
     def glass(self) -> dict[str, np.ndarray]:

@@ -122,19 +122,9 @@ class LazyPatches:
         return f"LazyPatches of {len(self)} patches {self._item_shape} from {len(self.datasets)} PatchDataset(s)"
 
     def _positions(self, index) -> np.ndarray:
-        if isinstance(index, slice):
-            return np.arange(len(self))[index]
-        idx = np.asarray(index)
-        if idx.dtype == bool:
-            if idx.shape != (len(self),):
-                raise IndexError(f"Boolean index of shape {idx.shape} does not match {len(self)} patches.")
-            return np.flatnonzero(idx)
-        if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.size == 0):
-            raise IndexError("Index lazy patches with an int, a slice, or a 1D array of ints or bools.")
-        idx = idx.astype(np.intp)
-        if len(idx) and (idx.min() < -len(self) or idx.max() >= len(self)):
-            raise IndexError(f"Indices out of range for {len(self)} patches.")
-        return idx % len(self) if len(self) else idx
+        from st_from_he.pp._patches import index_positions
+
+        return index_positions(index, len(self))
 
     def _read(self, idx: np.ndarray) -> np.ndarray:
         """Patches at positions ``idx``: one read per dataset, written into their places of one array."""
