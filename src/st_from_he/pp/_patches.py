@@ -642,7 +642,7 @@ DECODED = _DecodedLevels()
 
 def tile_cache_bytes() -> int:
     """``sth.settings.tile_cache_gb`` in bytes, or a clear error for a value that is not a size."""
-    budget = getattr(settings, "tile_cache_gb", 0.25)
+    budget = settings.tile_cache_gb
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real) or not (math.isfinite(budget) and budget >= 0):
         raise ValueError(
             f"`sth.settings.tile_cache_gb` must be a number of gigabytes, 0 or more (0 turns the decoded-tile cache "
