@@ -234,6 +234,12 @@ def test_plot_training_history(history, actual_dir):
     compare(fig, "training_history", actual_dir)
 
 
+def test_training_history_of_one_epoch_has_a_whole_epoch_axis():
+    one = pd.DataFrame({"epoch": [0], "train_loss": [4.1], "val_loss": [4.7]})
+    ax = pl.training_history(one, return_fig=True).axes[0]
+    assert list(ax.get_xticks()) == [0] and ax.get_xlim() == (-0.5, 0.5)
+
+
 def test_plot_tumor_map(sdata, cancer, actual_dir):
     fig = pl.tumor_map(sdata, sample="C6", labels=cancer, return_fig=True)
     legend = fig.axes[0].get_legend().get_texts()[0].get_text()

@@ -163,6 +163,10 @@ def training_history(
         if log_y:
             a.set_yscale("log")
         a.xaxis.get_major_locator().set_params(integer=True)
+        first, last = df["epoch"].min(), df["epoch"].max()
+        if last - first < 1:  # one epoch: a unit-wide axis with its one tick, not matplotlib's +-0.05 around it
+            a.set_xlim(first - 0.5, last + 0.5)
+            a.set_xticks([first])
         if i == 0:
             a.legend(loc="best")
     if given is None:
