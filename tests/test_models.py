@@ -105,6 +105,30 @@ def test_tiny_cnn_is_small():
     assert 2e5 < n_params < 5e5
 
 
+def test_tiny_cnn_folds_its_batch_norms_in_eval_mode():
+    from st_from_he.models import TinyCNN
+
+    torch.manual_seed(0)
+    cnn = TinyCNN()
+    for norm in cnn.modules():  # statistics and affine parameters far from the identity, as after training
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.running_mean.normal_()
+            norm.running_var.uniform_(0.2, 3.0)
+            norm.weight.data.normal_()
+            norm.bias.data.normal_()
+    images = torch.randn(6, 3, 64, 64)
+    cnn.eval()
+    with torch.no_grad():
+        reference = cnn.features(images)  # the unfolded layers
+        folded = cnn.forward_features(images)
+    assert folded.shape == reference.shape == (6, 192, 4, 4)
+    torch.testing.assert_close(folded, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+    cnn.train()  # training mode keeps the batch-statistics layers (their gradients and running-statistics updates)
+    before = cnn.features[1].running_mean.clone()
+    cnn.forward_features(images)
+    assert not torch.equal(cnn.features[1].running_mean, before)
+
+
 def test_unknown_encoder_name():
     with pytest.raises(ValueError, match="Unknown encoder"):
         ImageEncoder("not_a_model")

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 from torch import nn
+from torch.nn import functional as F
 
 from st_from_he._logging import logger
 
@@ -43,8 +44,26 @@ class TinyCNN(nn.Module):
         self.num_features = in_ch
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Map images ``(B, 3, H, W)`` to a feature map ``(B, C, H / 16, W / 16)``."""
-        return self.features(x)
+        """Map images ``(B, 3, H, W)`` to a feature map ``(B, C, H / 16, W / 16)``.
+
+        In eval mode each batch norm is folded into the convolution before it and the images run channels-last:
+        the same function (equal within float32 rounding), 2.5x faster on a CPU (``benchmarks/inference.py``).
+        """
+        if self.training:
+            return self.features(x)
+        x = x.contiguous(memory_format=torch.channels_last)
+        for conv, norm, _ in zip(*[iter(self.features)] * 3, strict=True):
+            weight, bias = _fold_batch_norm(conv, norm)
+            x = F.conv2d(x, weight, bias, conv.stride, conv.padding).relu_()
+        return x
+
+
+def _fold_batch_norm(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of one convolution equal to ``norm(conv(x))`` with the norm's running statistics."""
+    scale = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+    weight = (conv.weight * scale[:, None, None, None]).contiguous(memory_format=torch.channels_last)
+    shift = norm.running_mean if conv.bias is None else norm.running_mean - conv.bias
+    return weight, norm.bias - shift * scale
 
 
 def vit_b32_cmrc(img_size: int = 224, **kwargs) -> nn.Module:
