@@ -59,6 +59,8 @@ def test_glass_colour_without_glass_leaves_the_image(sections):
     h, w = coarse.shape[1:]
     np.testing.assert_array_equal(glass_colour(coarse[:, h * 2 // 5 : h * 3 // 5, w * 2 // 5 : w * 3 // 5]), GLASS_GREY)
     assert glass_colour(coarse).mean() > 235  # the whole slide has glass
+    # uint8 images take an integer path: the same colour as the same image in floats
+    np.testing.assert_array_equal(glass_colour(coarse), glass_colour(coarse.astype(np.float64)))
     with pytest.raises(ValueError, match=r"shape \(3, h, w\)"):
         glass_colour(np.zeros((64, 64, 3), np.uint8))
 

@@ -54,11 +54,13 @@ def glass_colour(image) -> np.ndarray:
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"Expected an RGB image of shape (3, h, w), got {image.shape}.")
     step = max(1, int(np.ceil(max(image.shape[1:]) / _MAX_SIDE)))
-    pixels = image[:, ::step, ::step].reshape(3, -1).astype(np.float64)
-    grey = pixels.mean(0)
-    bright = grey >= np.median(grey)
-    glass = np.median(pixels[:, bright], axis=1)
-    low, high = np.percentile(grey[bright], [25, 75])
+    pixels = image[:, ::step, ::step].reshape(3, -1)
+    # the brighter half by the channels' sum is the brighter half by their mean; uint8 sums exactly in uint16, on
+    # which NumPy's selections are about 5x faster than on float64 means
+    total = pixels.sum(0, dtype=np.uint16 if pixels.dtype == np.uint8 else np.float64)
+    bright = total >= np.median(total)
+    glass = np.median(pixels[:, bright], axis=1).astype(np.float64)
+    low, high = np.percentile(total[bright], [25, 75]) / 3  # quartiles of the grey level
     if glass.mean() < _MIN_GLASS or high - low > _MAX_GLASS_SPREAD:
         logger.warning(
             "No glass found on the slide (its brighter half is RGB %s, grey %d to %d between its quartiles; glass "
