@@ -1014,7 +1014,9 @@ class ExpressionModel:
         """Patches ``start:stop`` as one uint8 array ``(b, s, 3, h, w)``, checked against the model's geometry."""
         if self.features is not None:  # embedding vectors, float32 (b, d)
             return np.ascontiguousarray(patches[start:stop], dtype=np.float32)
-        if isinstance(patches, np.ndarray | LazyPatches):  # lazy training patches: one read per batch
+        from st_from_he.pp import PatchDataset
+
+        if isinstance(patches, np.ndarray | LazyPatches | PatchDataset):  # one read per batch
             batch = np.ascontiguousarray(patches[start:stop])  # views with negative strides cannot go to torch
         else:
             batch = np.stack([np.asarray(patches[i]) for i in range(start, stop)])
