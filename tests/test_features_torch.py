@@ -70,6 +70,40 @@ def test_gpu_code_paths_equal_the_reference(patches, monkeypatch):
     _assert_close(stain_blob_features_torch(x).numpy(), stain_blob_features(patches))
 
 
+def test_bracketed_selection_is_exact(c6, monkeypatch):
+    """The sample-bracketed order statistics equal a full sort's, on real rows and on rows whose bracket fails."""
+    data = sth.pp.extract_patches(c6, size_um=112, size_px=112)
+    stains = ht._stains(torch.from_numpy(np.stack([data[i] for i in range(24)]))).numpy()
+    p = stains.shape[-1]
+    assert p >= ht._BRACKET_MIN  # the bracketed path, not the partition
+    rng = np.random.default_rng(0)
+    adversarial = rng.normal(size=(6, p)).astype(np.float32)
+    adversarial[:, ht._sample_positions(p)] = -100  # the sample holds only the smallest values: brackets miss
+    rows = {
+        "haematoxylin": stains[:, 0],  # a strided view, as the features pass it
+        "eosin": stains[:, 1],
+        "few levels": rng.integers(0, 3, size=(8, p)).astype(np.float32),  # long runs of ties
+        "constant": np.full((3, p), 0.5, np.float32),
+        "adversarial": adversarial,
+    }
+    partitioned = {}  # rows that the partition took, by kind of row
+    partition = ht._partition_select
+
+    def counting_partition(x, ranks):
+        partitioned[name] = partitioned.get(name, 0) + len(x)
+        return partition(x, ranks)
+
+    monkeypatch.setattr(ht, "_partition_select", counting_partition)
+    percentiles = [r for q in (10, 50, 75, 85, 90) for r in ht._virtual_index(p, q)[:2]]
+    for name, x in rows.items():
+        for ranks in (sorted(set(percentiles)), [0, 1], [p - 2, p - 1], list(range(3000, 3040))):
+            expected = np.sort(x, axis=1)[:, ranks]
+            np.testing.assert_array_equal(ht._select(x, ranks), expected, err_msg=f"{name}, ranks {ranks[:2]}")
+    # the adversarial rows took the fallback (their brackets hold only the sample's -100s); real rows hardly ever
+    assert partitioned.get("adversarial", 0) >= 6 * 3
+    assert partitioned.get("haematoxylin", 0) + partitioned.get("eosin", 0) <= 2
+
+
 def test_label_propagation_counts_components_as_scipy():
     from scipy import ndimage
 

@@ -5,14 +5,19 @@ are the reference; these compute the same columns, equal within float32 rounding
 on a GPU when the patches are there and faster than the reference on a CPU:
 
 - optical densities from a 256-entry table made by the reference's own expression (the same values, no logarithm
-  per pixel);
+  per pixel), looked up by NumPy on a CPU (row chunks on threads) and by ``index_select`` on a GPU;
 - the percentiles of the RGB channels (integers 0-255) counted from each patch's 256-bin histogram, those of
-  continuous values from two order statistics per percentile (``np.partition`` on a CPU, a sort on a GPU), both
-  interpolated exactly as :func:`numpy.percentile`'s default (linear) method;
+  continuous values from two order statistics per percentile, both interpolated exactly as
+  :func:`numpy.percentile`'s default (linear) method. The order statistics come from a sort on a GPU; on a CPU, for
+  long rows, from a bracket read off a sorted sample of each row: the values below it counted, the few inside it
+  gathered and sorted (:func:`_bracket_select`; ``np.partition`` for short rows and for the rows whose bracket
+  misses), row chunks on threads;
 - the blob count's smoothing and connected components (4-connectivity) by SciPy on a CPU, one call for the whole
   batch, and on a GPU by label propagation to a fixed point (:func:`_count_components`);
 - the Gaussian-derivative filters of the blob features as matrix products with the filters' matrices, boundary
-  reflection included (:func:`_filter_matrix`), which a GPU and BLAS run at full speed.
+  reflection included (:func:`_filter_matrix`), which a GPU and BLAS run at full speed, a few patches at a time
+  (:data:`_BLOB_CHUNK`); the 90th percentile of the sign-flipped response from the mirrored order statistics of the
+  response itself.
 """
 
 from __future__ import annotations
@@ -71,9 +76,9 @@ def probe_features_torch(patches: torch.Tensor, *, handcrafted: bool = True, blo
     stains = [_stains(p) for p in scales]  # once for both feature sets
     parts = []
     if handcrafted:
-        parts += [_handcrafted_one_scale(p, *stain) for p, stain in zip(scales, stains, strict=True)]
+        parts += [_handcrafted_one_scale(p, stain) for p, stain in zip(scales, stains, strict=True)]
     if blobs:
-        parts += [_blobs_one_scale(p, *stain) for p, stain in zip(scales, stains, strict=True)]
+        parts += [_blobs_one_scale(p, stain) for p, stain in zip(scales, stains, strict=True)]
     return torch.cat(parts, dim=1)
 
 
@@ -142,17 +147,37 @@ def _stain_tables() -> np.ndarray:
     return np.stack([[_od_table() * _HED_FROM_RGB.T[s, c] for c in range(3)] for s in range(2)])
 
 
-def _stains(patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Haematoxylin and eosin optical densities ``(n, h * w)`` of uint8 patches ``(n, 3, h, w)``."""
+def _stains(patches: torch.Tensor) -> torch.Tensor:
+    """Haematoxylin and eosin optical densities ``(n, 2, h * w)`` of uint8 patches ``(n, 3, h, w)``.
+
+    Each density is the sum over the channels, in order as the reference's einsum, of the channel's table entry.
+    """
     n = len(patches)
-    index = patches.reshape(n, 3, -1).int()  # index_select of int32 indices: the fastest lookup on a CPU
+    if _use_numpy(patches):  # NumPy's lookup by uint8 index, row chunks on the threads: 4-5x torch's index_select
+        levels, tables = patches.reshape(n, 3, -1).numpy(), _stain_tables()
+        out = np.empty((n, 2, levels.shape[-1]), np.float32)
+
+        def lookup(rows: slice) -> None:
+            for s in range(2):
+                dst = out[rows, s]
+                np.add(tables[s, 0][levels[rows, 0]], tables[s, 1][levels[rows, 1]], out=dst)
+                np.add(dst, tables[s, 2][levels[rows, 2]], out=dst)
+
+        list(_pool().map(lookup, _row_chunks(n)))
+        return torch.from_numpy(out)
+    index = patches.reshape(n, 3, -1).int()  # index_select of int32 indices: torch's fastest lookup
     table = torch.from_numpy(_stain_tables()).to(patches.device)
 
     def density(stain, channel):
         return table[stain, channel].index_select(0, index[:, channel].reshape(-1)).reshape(n, -1)
 
-    # summed over the channels in order, as the reference's einsum
-    return tuple((density(s, 0) + density(s, 1)) + density(s, 2) for s in range(2))
+    return torch.stack([(density(s, 0) + density(s, 1)) + density(s, 2) for s in range(2)], dim=1)
+
+
+def _row_chunks(n: int) -> list[slice]:
+    """``n`` rows in one contiguous chunk per thread of :func:`_pool`."""
+    bounds = np.linspace(0, n, min(torch.get_num_threads(), n) + 1).round().astype(int)
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
 # ---- percentiles as numpy.percentile(method="linear") ----------------------------------------------------------------
@@ -190,11 +215,97 @@ def _order_statistics(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
 
 
 def _select(x: np.ndarray, ranks: list[int]) -> np.ndarray:
-    """The ``ranks``-th smallest values (sorted ranks) of each row of ``x``.
+    """The ``ranks``-th smallest values (sorted ranks) of each row of ``x``, exactly as a partition finds them.
 
-    Ranks that directly follow another are the smallest value above it, found without partitioning at them.
+    Long rows: each group of nearby ranks is bracketed between two values of a sorted sample of the row, the values
+    below the bracket counted and those inside it (about a tenth of the row) gathered and sorted; that is half the
+    work of ``np.partition``, which takes the rows whose bracket misses a rank (:func:`_bracket_select`).
     """
-    pivots = [r for r in ranks if r - 1 not in ranks]
+    if x.shape[1] < _BRACKET_MIN or not len(x):
+        return _partition_select(x, ranks)
+    sample = np.sort(x[:, _sample_positions(x.shape[1])], axis=1)
+    groups = [[ranks[0]]]
+    for r in ranks[1:]:  # nearby ranks (a percentile's two neighbours) share a bracket
+        (groups[-1].append(r) if r - groups[-1][-1] <= x.shape[1] // 100 else groups.append([r]))
+    return np.concatenate([_bracket_select(x, group, sample) for group in groups], axis=1)
+
+
+_BRACKET_MIN = 4096
+"""Row length from which :func:`_select` brackets the ranks (shorter rows: partitioned)."""
+_SAMPLE = 2048
+"""Most values per row sorted to bracket the ranks (at most a sixth of the row): a larger sample narrows the
+bracket, hence the values gathered, but costs its own sort."""
+
+
+@lru_cache(maxsize=16)
+def _sample_positions(p: int) -> np.ndarray:
+    """Fixed random positions (in order) of the sample of a row of ``p`` values.
+
+    Random, not strided: an image's periodic texture cannot line up with them, so the ranks of the sample's values
+    spread as :func:`_bracket_select`'s margin assumes (hypergeometric).
+    """
+    return np.sort(np.random.default_rng(0).choice(p, size=min(_SAMPLE, p // 6), replace=False))
+
+
+def _bracket_select(x: np.ndarray, ranks: list[int], sample: np.ndarray) -> np.ndarray:
+    """The ``ranks``-th smallest values (sorted, nearby) of each row of ``x`` ``(n, p)``, from a sorted ``sample``.
+
+    The bracket ``[lo, hi]`` holds the ranks when the ``below`` values under ``lo`` and the ``inside`` values in it
+    satisfy ``below <= ranks[0]`` and ``below + inside > ranks[-1]``; then rank ``r`` is the ``r - below``-th
+    smallest value inside, exactly. A row where it does not (ties, a sample far off by chance, NaN) is partitioned
+    in full, so every row is exact.
+    """
+    n, p = x.shape
+    m = sample.shape[1]
+
+    def position(rank: int, side: int) -> int:
+        # the sample rank expected at this population rank, widened by 4 standard deviations (hypergeometric)
+        q = rank / p
+        return int(np.floor(q * m + side * (4 * np.sqrt(m * q * (1 - q) * (1 - m / p)) + 2)))
+
+    j0, j1 = position(ranks[0], -1), position(ranks[-1] + 1, 1)
+    below = np.zeros(n, np.int64)
+    if j0 >= 0:
+        lo = sample[:, j0, None]
+        below = _count(x < lo)
+        inside = x >= lo
+        if j1 < m:
+            inside &= x <= sample[:, j1, None]
+    else:
+        inside = x <= sample[:, j1, None] if j1 < m else ~np.isnan(x)
+    k = _count(inside)
+    ok = (below <= ranks[0]) & (below + k > ranks[-1])
+    if not ok.all():
+        inside &= ok[:, None]
+        k = np.where(ok, k, 0)
+    values = x[inside]  # row by row
+    width = max(int(k.max()), 1)
+    gathered = np.full((n, width), np.inf, x.dtype)
+    starts = np.cumsum(k) - k
+    gathered[np.repeat(np.arange(n), k), np.arange(len(values)) - np.repeat(starts, k)] = values
+    gathered.sort(axis=1)
+    local = np.clip(np.array(ranks)[None] - below[:, None], 0, width - 1)
+    out = np.take_along_axis(gathered, local, axis=1)
+    if not ok.all():
+        out[~ok] = _partition_select(x[~ok], ranks)
+    return out
+
+
+def _count(mask: np.ndarray) -> np.ndarray:
+    """True values per row of a boolean ``(n, p)`` (summed as bytes: twice as fast as ``count_nonzero``)."""
+    return np.add.reduce(mask.view(np.uint8), axis=1, dtype=np.int64)
+
+
+def _partition_select(x: np.ndarray, ranks: list[int]) -> np.ndarray:
+    """:func:`_select` by ``np.partition``.
+
+    A rank that directly follows a partitioning rank is the smallest value above it, found without partitioning
+    at it (in a run of ranks every other one is partitioned at).
+    """
+    pivots = []
+    for r in ranks:
+        if not pivots or pivots[-1] != r - 1:
+            pivots.append(r)
     part = np.partition(x, pivots, axis=1)
     columns = []
     for r in ranks:
@@ -257,12 +368,13 @@ def _stats(x: torch.Tensor, levels: torch.Tensor | None = None, extra: tuple[flo
 # ---- hand-crafted features -------------------------------------------------------------------------------------------
 
 
-def _handcrafted_one_scale(patches: torch.Tensor, haem: torch.Tensor, eosin: torch.Tensor) -> torch.Tensor:
+def _handcrafted_one_scale(patches: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
     """The 36 columns of :func:`~._handcrafted.handcrafted_features` of uint8 patches ``(n, 3, h, w)``.
 
-    ``haem``, ``eosin``: their stain densities ``(n, h * w)`` (:func:`_stains`).
+    ``stains``: their haematoxylin and eosin densities ``(n, 2, h * w)`` (:func:`_stains`).
     """
     n, _, h, w = patches.shape
+    haem, eosin = stains[:, 0], stains[:, 1]
     levels = patches.reshape(n, 3, -1)
     rgb = levels.float()
     grey = (rgb[:, 0] + rgb[:, 1] + rgb[:, 2]) / 3  # the reference's mean over channels: exact sum, one division
@@ -369,33 +481,75 @@ def _filter_matrix(n: int, sigma: float, order: int) -> np.ndarray:
 
 @lru_cache(maxsize=16)
 def _filter_matrices(n: int) -> torch.Tensor:
-    """float32 ``(6 n, n)``: for each blob width, the matrices of its second-derivative and smoothing filters."""
-    blocks = [_filter_matrix(n, sigma, order) for sigma in _BLOB_SIGMAS for order in (2, 0)]
+    """float32 ``(6 n, n)``: for each blob width, the matrices of its second-derivative and smoothing filters.
+
+    The second-derivative filter carries the width's scale normalisation ``sigma ** 2`` (one product fewer per
+    response; it moves the response by float32 rounding only).
+    """
+    blocks = [
+        _filter_matrix(n, sigma, order) * (sigma**2 if order == 2 else 1.0)
+        for sigma in _BLOB_SIGMAS
+        for order in (2, 0)
+    ]
     return torch.from_numpy(np.concatenate(blocks).astype(np.float32))
 
 
-def _blobs_one_scale(patches: torch.Tensor, haem: torch.Tensor, eosin: torch.Tensor) -> torch.Tensor:
+_BLOB_CHUNK = 32
+"""Patches filtered at a time: their intermediate products (19 MB at 112 px) stay in the cache and in reused
+memory, where one product for a whole batch pays a page fault per 4 kB (a third or more of its time on a CPU)."""
+
+
+def _blobs_one_scale(patches: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
     """The 12 columns of :func:`~._handcrafted.stain_blob_features` of uint8 patches ``(n, 3, h, w)``.
 
-    ``haem``, ``eosin``: their stain densities ``(n, h * w)`` (:func:`_stains`).
+    ``stains``: their haematoxylin and eosin densities ``(n, 2, h * w)`` (:func:`_stains`).
     """
     n, _, h, w = patches.shape
-    stains = torch.stack([haem, eosin], dim=1).reshape(2 * n, h, w)  # (patch, stain) pairs
+    k = len(_BLOB_SIGMAS)
+    images = stains.reshape(2 * n, h, w)  # (patch, stain) pairs
+    columns, rows = (_filter_matrices(size).to(patches.device) for size in (w, h))
+    chunk = 2 * _BLOB_CHUNK
+    along_w = torch.empty(min(chunk, 2 * n) * h, 2 * k * w, dtype=stains.dtype, device=stains.device)
+    responses = torch.empty(k, min(chunk, 2 * n), h * w, dtype=stains.dtype, device=stains.device)
+    mean_abs, quantile = [], []
+    for start in range(0, 2 * n, chunk):
+        batch = images[start : start + chunk]
+        m = len(batch)
+        # along the columns first: one product for all widths and both derivative orders, (m, h, [width, order, w])
+        a = torch.mm(batch.reshape(-1, w), columns.T, out=along_w[: m * h]).view(m, h, 2 * k * w)
+        for i in range(k):
+            d2_w, smooth_w = a[..., 2 * i * w : (2 * i + 1) * w], a[..., (2 * i + 1) * w : (2 * i + 2) * w]
+            d2_h, smooth_h = rows[2 * i * h : (2 * i + 1) * h], rows[(2 * i + 1) * h : (2 * i + 2) * h]
+            # then along the rows: d2/dy2 of the column-smoothed image plus the row-smoothed d2/dx2
+            r = responses[i, :m].view(m, h, w)
+            torch.matmul(d2_h, smooth_w, out=r).add_(torch.matmul(smooth_h, d2_w))
+        summary = _blob_statistics(responses[:, :m].reshape(k * m, h * w))
+        mean_abs.append(summary[0].reshape(k, m))
+        quantile.append(summary[1].reshape(k, m))
+    # columns: for each stain, for each width, the mean |response| and the 90th percentile of -response
+    features = torch.stack([torch.cat(mean_abs, 1), torch.cat(quantile, 1)], dim=2)  # (width, (patch, stain), 2)
+    return features.reshape(k, n, 2, 2).permute(1, 2, 0, 3).reshape(n, 4 * k)
 
-    def matrices(size):
-        return _filter_matrices(size).to(patches.device)
 
-    # along the columns first: one product for all widths and both derivative orders, (2n, h, [width, order, w])
-    along_w = (stains.reshape(-1, w) @ matrices(w).T).reshape(2 * n, h, 2 * len(_BLOB_SIGMAS) * w)
-    rows = matrices(h)
-    features = {}
-    for i, sigma in enumerate(_BLOB_SIGMAS):
-        d2_w, smooth_w = along_w[..., 2 * i * w : (2 * i + 1) * w], along_w[..., (2 * i + 1) * w : (2 * i + 2) * w]
-        d2_h, smooth_h = rows[2 * i * h : (2 * i + 1) * h], rows[(2 * i + 1) * h : (2 * i + 2) * h]
-        # then along the rows: d2/dy2 of the column-smoothed image plus the row-smoothed d2/dx2
-        response = torch.matmul(d2_h, smooth_w).add_(torch.matmul(smooth_h, d2_w)).reshape(n, 2, h * w)
-        response *= sigma**2
-        for stain in range(2):
-            r = response[:, stain]
-            features[stain, i] = [r.abs().mean(1), _percentiles(-r, [90], wide=False)[0]]
-    return torch.stack([f for stain in range(2) for i in range(len(_BLOB_SIGMAS)) for f in features[stain, i]], 1)
+def _blob_statistics(responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean absolute value and 90th percentile of minus each row of ``responses`` ``(r, p)``, as the reference.
+
+    The percentile of ``-x`` from the mirrored order statistics of ``x`` (negation is exact): no negated copy.
+    """
+    p = responses.shape[1]
+    low, high, t = _virtual_index(p, 90)
+    ranks = [p - 1 - low, p - 1 - high]
+    if _use_numpy(responses):  # one pass over each row chunk on the threads: |x| mean and the selection
+        x = responses.numpy()
+
+        def summary(chunk: slice) -> tuple[np.ndarray, np.ndarray]:
+            return np.abs(x[chunk]).mean(1), _select(x[chunk], sorted(set(ranks)))
+
+        parts = list(_pool().map(summary, _row_chunks(len(x))))
+        mean_abs = torch.from_numpy(np.concatenate([m for m, _ in parts]))
+        values = torch.from_numpy(np.concatenate([v for _, v in parts]))
+        values = values[:, [sorted(set(ranks)).index(r) for r in ranks]]
+    else:
+        mean_abs = responses.abs().mean(1)
+        values = _order_statistics(responses, ranks)
+    return mean_abs, _lerp(-values[:, 0], -values[:, 1], t, wide=False)
