@@ -217,24 +217,36 @@ def _order_statistics(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
 def _select(x: np.ndarray, ranks: list[int]) -> np.ndarray:
     """The ``ranks``-th smallest values (sorted ranks) of each row of ``x``, exactly as a partition finds them.
 
-    Long rows: each group of nearby ranks is bracketed between two values of a sorted sample of the row, the values
-    below the bracket counted and those inside it (about a tenth of the row) gathered and sorted; that is half the
-    work of ``np.partition``, which takes the rows whose bracket misses a rank (:func:`_bracket_select`).
+    Long rows: each group of nearby ranks is bracketed between two values of a random sample of the row, the values
+    below the bracket counted and those inside it (a few percent of the row) gathered and sorted
+    (:func:`_bracket_select`); ``np.partition`` takes short rows and the rows whose bracket misses a rank. On the
+    features' 112 px rows, 1.2-1.4 times as fast as ``np.partition`` (which spends ~6 ns a value).
     """
-    if x.shape[1] < _BRACKET_MIN or not len(x):
+    n, p = x.shape
+    if p < _BRACKET_MIN or not n:
         return _partition_select(x, ranks)
-    sample = np.sort(x[:, _sample_positions(x.shape[1])], axis=1)
     groups = [[ranks[0]]]
     for r in ranks[1:]:  # nearby ranks (a percentile's two neighbours) share a bracket
-        (groups[-1].append(r) if r - groups[-1][-1] <= x.shape[1] // 100 else groups.append([r]))
-    return np.concatenate([_bracket_select(x, group, sample) for group in groups], axis=1)
+        (groups[-1].append(r) if r - groups[-1][-1] <= p // 100 else groups.append([r]))
+    positions = _sample_positions(p)
+    m = len(positions)
+    bounds = [(_sample_rank(group[0], p, m, -1), _sample_rank(group[-1] + 1, p, m, 1)) for group in groups]
+    kth = sorted({j for bound in bounds for j in bound if 0 <= j < m})
+    sample = np.partition(x[:, positions], kth, axis=1) if kth else x[:, positions]  # only the bounds in place
+    return np.concatenate(
+        [
+            _bracket_select(x, group, *(sample[:, j, None] if 0 <= j < m else None for j in bound))
+            for group, bound in zip(groups, bounds, strict=True)
+        ],
+        axis=1,
+    )
 
 
 _BRACKET_MIN = 4096
 """Row length from which :func:`_select` brackets the ranks (shorter rows: partitioned)."""
-_SAMPLE = 2048
-"""Most values per row sorted to bracket the ranks (at most a sixth of the row): a larger sample narrows the
-bracket, hence the values gathered, but costs its own sort."""
+_SAMPLE = 1024
+"""Most values per row sampled to bracket the ranks (at most a sixth of the row): a larger sample narrows the
+bracket, hence the values gathered, but costs its own selection."""
 
 
 @lru_cache(maxsize=16)
@@ -242,37 +254,38 @@ def _sample_positions(p: int) -> np.ndarray:
     """Fixed random positions (in order) of the sample of a row of ``p`` values.
 
     Random, not strided: an image's periodic texture cannot line up with them, so the ranks of the sample's values
-    spread as :func:`_bracket_select`'s margin assumes (hypergeometric).
+    spread as :func:`_sample_rank`'s margin assumes (hypergeometric).
     """
     return np.sort(np.random.default_rng(0).choice(p, size=min(_SAMPLE, p // 6), replace=False))
 
 
-def _bracket_select(x: np.ndarray, ranks: list[int], sample: np.ndarray) -> np.ndarray:
-    """The ``ranks``-th smallest values (sorted, nearby) of each row of ``x`` ``(n, p)``, from a sorted ``sample``.
+def _sample_rank(rank: int, p: int, m: int, side: int) -> int:
+    """The sample rank that bounds population ``rank`` on its ``side`` (-1: below, 1: above).
 
-    The bracket ``[lo, hi]`` holds the ranks when the ``below`` values under ``lo`` and the ``inside`` values in it
-    satisfy ``below <= ranks[0]`` and ``below + inside > ranks[-1]``; then rank ``r`` is the ``r - below``-th
-    smallest value inside, exactly. A row where it does not (ties, a sample far off by chance, NaN) is partitioned
-    in full, so every row is exact.
+    The rank in a sample of ``m`` of ``p`` values expected at ``rank``, moved by 3 standard deviations
+    (hypergeometric) and 2 more: a bound misses for about 1 row in 700, which is then partitioned. Outside
+    ``[0, m)`` where the bracket needs no bound on that side.
     """
-    n, p = x.shape
-    m = sample.shape[1]
+    q = rank / p
+    return int(np.floor(q * m + side * (3 * np.sqrt(m * q * (1 - q) * (1 - m / p)) + 2)))
 
-    def position(rank: int, side: int) -> int:
-        # the sample rank expected at this population rank, widened by 4 standard deviations (hypergeometric)
-        q = rank / p
-        return int(np.floor(q * m + side * (4 * np.sqrt(m * q * (1 - q) * (1 - m / p)) + 2)))
 
-    j0, j1 = position(ranks[0], -1), position(ranks[-1] + 1, 1)
-    below = np.zeros(n, np.int64)
-    if j0 >= 0:
-        lo = sample[:, j0, None]
-        below = _count(x < lo)
-        inside = x >= lo
-        if j1 < m:
-            inside &= x <= sample[:, j1, None]
+def _bracket_select(x: np.ndarray, ranks: list[int], lo: np.ndarray | None, hi: np.ndarray | None) -> np.ndarray:
+    """The ``ranks``-th smallest values (sorted, nearby) of each row of ``x`` ``(n, p)``, between ``lo`` and ``hi``.
+
+    ``lo``, ``hi``: ``(n, 1)`` bounds of the bracket (None: unbounded). The bracket holds the ranks when the
+    ``below`` values under ``lo`` and the ``inside`` values in it satisfy ``below <= ranks[0]`` and
+    ``below + inside > ranks[-1]``; then rank ``r`` is the ``r - below``-th smallest value inside, exactly. A row
+    where it does not (ties, a sample far off by chance, NaN) is partitioned in full, so every row is exact.
+    """
+    n = len(x)
+    below = np.zeros(n, np.int64) if lo is None else _count(x < lo)
+    if lo is None:
+        inside = ~np.isnan(x) if hi is None else x <= hi
     else:
-        inside = x <= sample[:, j1, None] if j1 < m else ~np.isnan(x)
+        inside = x >= lo
+        if hi is not None:
+            inside &= x <= hi
     k = _count(inside)
     ok = (below <= ranks[0]) & (below + k > ranks[-1])
     if not ok.all():
