@@ -9,11 +9,11 @@ on a GPU when the patches are there and faster than the reference on a CPU:
 - the percentiles of the RGB channels (integers 0-255) counted from each patch's 256-bin histogram, those of
   continuous values from two order statistics per percentile, both interpolated exactly as
   :func:`numpy.percentile`'s default (linear) method. The order statistics come from a sort on a GPU; on a CPU, for
-  long rows, from a bracket read off a sorted sample of each row: the values below it counted, the few inside it
-  gathered and sorted (:func:`_bracket_select`; ``np.partition`` for short rows and for the rows whose bracket
-  misses), row chunks on threads;
-- the blob count's smoothing and connected components (4-connectivity) by SciPy on a CPU, one call for the whole
-  batch, and on a GPU by label propagation to a fixed point (:func:`_count_components`);
+  long rows, from a bracket read off a random sample of each row: the values below it counted, the few inside it
+  gathered and sorted (:func:`_select`; ``np.partition`` for short rows and for the rows whose bracket misses a
+  rank), row chunks on threads;
+- the blob count's smoothing and connected components (4-connectivity) by SciPy on a CPU, a chunk of patches per
+  thread, and on a GPU by label propagation to a fixed point (:func:`_count_components`);
 - the Gaussian-derivative filters of the blob features as matrix products with the filters' matrices, boundary
   reflection included (:func:`_filter_matrix`), which a GPU and BLAS run at full speed, a few patches at a time
   (:data:`_BLOB_CHUNK`); the 90th percentile of the sign-flipped response from the mirrored order statistics of the
@@ -332,7 +332,10 @@ def _partition_select(x: np.ndarray, ranks: list[int]) -> np.ndarray:
 
 @lru_cache(maxsize=1)
 def _pool() -> ThreadPoolExecutor:
-    """Threads for NumPy's selections (which release the GIL), one row chunk per torch thread."""
+    """Threads for the NumPy/SciPy work on a CPU, one row chunk per torch thread.
+
+    The lookups, selections, box filter and labelling all release the GIL.
+    """
     return ThreadPoolExecutor(max(1, torch.get_num_threads()), thread_name_prefix="st_from_he_features")
 
 
