@@ -353,7 +353,8 @@ def _level_percentiles(levels: torch.Tensor, qs: list[float]) -> list[torch.Tens
     """:func:`_percentiles` (``wide``) of uint8 values ``(n, p)``, from each row's histogram: no sort."""
     n, p = levels.shape
     counts = torch.zeros(n, 256, dtype=torch.int32, device=levels.device)
-    counts.scatter_add_(1, levels.long(), torch.ones_like(levels, dtype=torch.int32))
+    ones = torch.ones((), dtype=torch.int32, device=levels.device).expand(n, p)  # no tensor of ones in memory
+    counts.scatter_add_(1, levels.long(), ones)
     cumulative = counts.cumsum(1)
     out = []
     for q in qs:
@@ -367,7 +368,8 @@ def _level_percentiles(levels: torch.Tensor, qs: list[float]) -> list[torch.Tens
 def _mean_std(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and (population) standard deviation of each row, in two passes as NumPy (torch's own std is slower)."""
     mean = x.mean(1)
-    return mean, (x - mean[:, None]).square().mean(1).sqrt()
+    deviation = x - mean[:, None]
+    return mean, deviation.mul_(deviation).mean(1).sqrt()  # squared in place: one temporary fewer
 
 
 def _stats(x: torch.Tensor, levels: torch.Tensor | None = None, extra: tuple[float, ...] = ()) -> list:
