@@ -398,6 +398,14 @@ def test_retrieve_returns_mean_of_top_k():
     assert torch.allclose(retrieve(query, bank, expression, k=100), expression.mean(0).expand(2, 3))
 
 
+def test_retrieve_equals_the_mean_of_the_gathered_rows():
+    torch.manual_seed(1)
+    query, bank, expression = torch.randn(70, 16), torch.randn(300, 16), torch.rand(300, 400) * 5
+    out = retrieve(query, bank, expression, k=50)
+    nearest = (F.normalize(query, dim=-1) @ F.normalize(bank, dim=-1).T).topk(50, dim=-1).indices
+    torch.testing.assert_close(out, expression[nearest].mean(1), rtol=1e-6, atol=1e-6)
+
+
 def test_retrieve_chunking_matches_single_pass():
     torch.manual_seed(0)
     query, bank, expression = torch.randn(37, 8), torch.randn(50, 8), torch.rand(50, 5)
