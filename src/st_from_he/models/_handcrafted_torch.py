@@ -207,7 +207,8 @@ def _order_statistics(x: torch.Tensor, ranks: list[int]) -> torch.Tensor:
     """The ``ranks``-th smallest values of each row of ``x`` ``(n, p)``, as ``(n, len(ranks))``."""
     unique = sorted(set(ranks))
     if _use_numpy(x):  # numpy's introselect: several times faster than a full torch sort on a CPU
-        chunks = np.array_split(x.numpy(), min(torch.get_num_threads(), len(x)) or 1)
+        rows = x.numpy()
+        chunks = [rows[c] for c in _row_chunks(len(rows)) or [slice(0, 0)]]  # no rows: one empty chunk
         values = torch.from_numpy(np.concatenate(list(_pool().map(partial(_select, ranks=unique), chunks))))
     else:
         values = torch.sort(x, dim=1).values[:, unique]
