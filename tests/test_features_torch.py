@@ -43,10 +43,11 @@ def _assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
     assert not bad.any(), f"columns {sorted(set(np.nonzero(bad)[1]))} differ beyond float32 rounding"
 
 
-def test_torch_features_equal_the_reference(patches):
+@pytest.mark.parametrize("filters", ["pyramid", "full"])
+def test_torch_features_equal_the_reference(patches, filters):
     x = torch.from_numpy(patches)
-    hand, blobs = handcrafted_features(patches), stain_blob_features(patches)
-    hand_t, blobs_t = handcrafted_features_torch(x).numpy(), stain_blob_features_torch(x).numpy()
+    hand, blobs = handcrafted_features(patches), stain_blob_features(patches, filters)
+    hand_t, blobs_t = handcrafted_features_torch(x).numpy(), stain_blob_features_torch(x, filters).numpy()
     assert hand_t.shape == hand.shape == (40, 2 * N_HANDCRAFTED) and hand_t.dtype == np.float32
     assert blobs_t.shape == blobs.shape == (40, 24)
     _assert_close(hand_t, hand)
@@ -55,7 +56,7 @@ def test_torch_features_equal_the_reference(patches):
     np.testing.assert_array_equal(hand_t[:, exact], hand[:, exact])
     assert hand[:, 29].std() > 0 and np.abs(blobs).min() > 0  # the blob counts and responses vary: a real check
     # both sets at once: the probe's column layout
-    both = probe_features_torch(x).numpy()
+    both = probe_features_torch(x, blob_filters=filters).numpy()
     np.testing.assert_array_equal(both, np.concatenate([hand_t, blobs_t], axis=1))
 
 
@@ -67,7 +68,25 @@ def test_gpu_code_paths_equal_the_reference(patches, monkeypatch):
     hand_t = handcrafted_features_torch(x).numpy()
     _assert_close(hand_t, hand)
     np.testing.assert_array_equal(hand_t[:, [29, 29 + N_HANDCRAFTED]], hand[:, [29, 29 + N_HANDCRAFTED]])
-    _assert_close(stain_blob_features_torch(x).numpy(), stain_blob_features(patches))
+    for filters in ("pyramid", "full"):
+        _assert_close(stain_blob_features_torch(x, filters).numpy(), stain_blob_features(patches, filters))
+
+
+def test_pyramid_blob_features_follow_the_full_filters(c6):
+    """The pyramid moves each blob column little: across real spots it ranks them as the full filters do."""
+    data = sth.pp.extract_patches(c6, size_um=112, size_px=112, context=(1.0, 3.0))
+    x = np.stack([data[i] for i in range(60)])
+    full, pyramid = stain_blob_features(x, "full"), stain_blob_features(x, "pyramid")
+    r = np.array([np.corrcoef(full[:, j], pyramid[:, j])[0, 1] for j in range(full.shape[1])])
+    assert r.min() > 0.98, r.round(4)
+    # the narrowest width is filtered at full resolution by both: its columns are the same
+    narrow = [c + 12 * s for s in range(2) for c in (0, 1, 6, 7)]
+    np.testing.assert_array_equal(full[:, narrow], pyramid[:, narrow])
+    assert not np.allclose(full, pyramid)  # the wider widths are not
+    with pytest.raises(ValueError, match=r"`filters` must be one of \('pyramid', 'full'\), got 'half'"):
+        stain_blob_features(x, "half")
+    with pytest.raises(ValueError, match=r"`blob_filters` must be one of"):
+        stain_blob_features_torch(torch.from_numpy(x), "half")
 
 
 def test_bracketed_selection_is_exact(c6, monkeypatch):
@@ -164,3 +183,33 @@ def test_probe_predicts_the_same_with_either_backend(c6):
     assert expected.std(0).min() > 1e-3  # the spots' predictions differ
     with pytest.raises(TypeError, match="got dtype torch.float32"):
         reference.featurize(x.astype(np.float32), glass)
+
+
+def test_probe_keeps_the_blob_filters_it_was_fitted_with(c6):
+    """New probes filter on the pyramid; a state saved before the choice existed loads with the full filters."""
+    from st_from_he.tl._baselines import RidgeProbe
+
+    data = sth.pp.extract_patches(c6, size_um=112, size_px=48, context=(1.0, 3.0))
+    x = np.stack([data[i] for i in range(40)])
+    y = np.random.default_rng(0).normal(size=(40, 3))
+    probe = RidgeProbe("handcrafted+blobs").fit(x, y)
+    assert probe.blob_filters == "pyramid" and str(probe.get_state()["blob_filters"]) == "pyramid"
+    restored = RidgeProbe("handcrafted+blobs", blob_filters="full").set_state(probe.get_state())
+    assert restored.blob_filters == "pyramid"
+    np.testing.assert_array_equal(restored.featurize(x), probe.featurize(x))
+    old = {k: v for k, v in probe.get_state().items() if k != "blob_filters"}
+    legacy = RidgeProbe("handcrafted+blobs").set_state(old)
+    assert legacy.blob_filters == "full"
+    expected = np.concatenate([handcrafted_features(x), stain_blob_features(x, "full")], axis=1)
+    _assert_close(legacy.featurize(x), expected)
+    with pytest.raises(ValueError, match=r"`blob_filters` must be one of \('pyramid', 'full'\), got 'fast'"):
+        RidgeProbe("handcrafted+blobs", blob_filters="fast")
+    with pytest.raises(ValueError, match="unknown blob filters 'fast'"):
+        RidgeProbe("handcrafted+blobs").set_state(old | {"blob_filters": np.array("fast")})
+
+
+def test_blob_filter_names_agree_between_tl_and_models():
+    from st_from_he.models._handcrafted import BLOB_FILTERS
+    from st_from_he.tl._baselines import BLOB_FILTERS as TL_BLOB_FILTERS
+
+    assert TL_BLOB_FILTERS == BLOB_FILTERS

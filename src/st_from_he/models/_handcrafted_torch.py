@@ -28,7 +28,7 @@ from functools import lru_cache, partial
 import numpy as np
 import torch
 
-from ._handcrafted import _BACKGROUND, _BLOB_SIGMAS, _HED_FROM_RGB
+from ._handcrafted import _BACKGROUND, _BLOB_SIGMAS, _HED_FROM_RGB, _PYRAMID_REDUCE, BLOB_FILTERS
 
 
 def handcrafted_features_torch(patches: torch.Tensor) -> torch.Tensor:
@@ -46,39 +46,45 @@ def handcrafted_features_torch(patches: torch.Tensor) -> torch.Tensor:
     return probe_features_torch(patches, blobs=False)
 
 
-def stain_blob_features_torch(patches: torch.Tensor) -> torch.Tensor:
+def stain_blob_features_torch(patches: torch.Tensor, filters: str = "pyramid") -> torch.Tensor:
     """:func:`~st_from_he.models._handcrafted.stain_blob_features` of uint8 patches on their own device.
 
     Parameters
     ----------
     patches
         uint8 tensor ``(n, 3, h, w)`` or ``(n, s, 3, h, w)``, ``h`` and ``w`` at least 8.
+    filters
+        ``"pyramid"`` or ``"full"``, as there.
 
     Returns
     -------
     float32 tensor ``(n, 12 * s)`` on the patches' device.
     """
-    return probe_features_torch(patches, handcrafted=False, blobs=True)
+    return probe_features_torch(patches, handcrafted=False, blobs=True, blob_filters=filters)
 
 
-def probe_features_torch(patches: torch.Tensor, *, handcrafted: bool = True, blobs: bool = True) -> torch.Tensor:
+def probe_features_torch(
+    patches: torch.Tensor, *, handcrafted: bool = True, blobs: bool = True, blob_filters: str = "pyramid"
+) -> torch.Tensor:
     """The ridge probe's features: hand-crafted features of every scale, then (``blobs``) blob features of every scale.
 
-    The column layout of ``np.concatenate([handcrafted_features(p), stain_blob_features(p)], axis=1)``; the optical
-    densities are computed once for both.
+    The column layout of ``np.concatenate([handcrafted_features(p), stain_blob_features(p, blob_filters)], axis=1)``;
+    the optical densities are computed once for both.
     """
     if not (handcrafted or blobs):
         raise ValueError("Ask for the hand-crafted features, the blob features or both (`handcrafted`, `blobs`).")
     x = _check_patches(patches)
     if x.device.type == "mps":  # no float64 there, which NumPy's percentile interpolation takes: on the CPU
-        return probe_features_torch(x.cpu(), handcrafted=handcrafted, blobs=blobs).to(x.device)
+        return probe_features_torch(x.cpu(), handcrafted=handcrafted, blobs=blobs, blob_filters=blob_filters).to(
+            x.device
+        )
     scales = [x[:, s] for s in range(x.shape[1])]
     stains = [_stains(p) for p in scales]  # once for both feature sets
     parts = []
     if handcrafted:
         parts += [_handcrafted_one_scale(p, stain) for p, stain in zip(scales, stains, strict=True)]
     if blobs:
-        parts += [_blobs_one_scale(p, stain) for p, stain in zip(scales, stains, strict=True)]
+        parts += [_blobs_one_scale(p, stain, blob_filters) for p, stain in zip(scales, stains, strict=True)]
     return torch.cat(parts, dim=1)
 
 
@@ -510,17 +516,13 @@ def _filter_matrix(n: int, sigma: float, order: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=16)
-def _filter_matrices(n: int) -> torch.Tensor:
-    """float32 ``(6 n, n)``: for each blob width, the matrices of its second-derivative and smoothing filters.
+def _filter_matrices(n: int, sigma: float) -> torch.Tensor:
+    """float32 ``(2 n, n)``: the matrices of the second-derivative and smoothing filters of width ``sigma``.
 
     The second-derivative filter carries the width's scale normalisation ``sigma ** 2`` (one product fewer per
     response; it moves the response by float32 rounding only).
     """
-    blocks = [
-        _filter_matrix(n, sigma, order) * (sigma**2 if order == 2 else 1.0)
-        for sigma in _BLOB_SIGMAS
-        for order in (2, 0)
-    ]
+    blocks = [_filter_matrix(n, sigma, 2) * sigma**2, _filter_matrix(n, sigma, 0)]
     return torch.from_numpy(np.concatenate(blocks).astype(np.float32))
 
 
@@ -529,36 +531,56 @@ _BLOB_CHUNK = 32
 memory, where one product for a whole batch pays a page fault per 4 kB (a third or more of its time on a CPU)."""
 
 
-def _blobs_one_scale(patches: torch.Tensor, stains: torch.Tensor) -> torch.Tensor:
+def _blobs_one_scale(patches: torch.Tensor, stains: torch.Tensor, filters: str = "pyramid") -> torch.Tensor:
     """The 12 columns of :func:`~._handcrafted.stain_blob_features` of uint8 patches ``(n, 3, h, w)``.
 
-    ``stains``: their haematoxylin and eosin densities ``(n, 2, h * w)`` (:func:`_stains`).
+    ``stains``: their haematoxylin and eosin densities ``(n, 2, h * w)`` (:func:`_stains`); ``filters`` as there.
     """
+    if filters not in BLOB_FILTERS:
+        raise ValueError(f"`blob_filters` must be one of {BLOB_FILTERS}, got {filters!r}.")
     n, _, h, w = patches.shape
-    k = len(_BLOB_SIGMAS)
     images = stains.reshape(2 * n, h, w)  # (patch, stain) pairs
-    columns, rows = (_filter_matrices(size).to(patches.device) for size in (w, h))
+    reduce = _PYRAMID_REDUCE if filters == "pyramid" else (1,) * len(_BLOB_SIGMAS)
+    columns = []  # for each width: the mean |response| and the 90th percentile of -response, (patch, stain) rows
+    for sigma, factor in zip(_BLOB_SIGMAS, reduce, strict=True):
+        level = _block_mean(images, factor)
+        columns += _blob_responses(level, sigma / factor)
+    features = torch.stack(columns, dim=1)  # ((patch, stain), (width, statistic))
+    return features.reshape(n, 2 * 2 * len(_BLOB_SIGMAS))
+
+
+def _block_mean(images: torch.Tensor, factor: int) -> torch.Tensor:
+    """:func:`~._handcrafted.block_mean` of a stack ``(n, h, w)`` (pooling drops the same edge rows and columns)."""
+    if factor == 1:
+        return images
+    return torch.nn.functional.avg_pool2d(images[:, None], factor)[:, 0]  # 3x a mean over a reshaped stack
+
+
+def _blob_responses(images: torch.Tensor, sigma: float) -> list[torch.Tensor]:
+    """Blob statistics of each image ``(m, h, w)`` at width ``sigma`` px: mean |response|, 90th percentile of -response.
+
+    The response is the scale-normalised Laplacian of Gaussian, its filters as products with their matrices.
+    """
+    m, h, w = images.shape
+    columns, rows = (_filter_matrices(size, sigma).to(images.device) for size in (w, h))
+    d2_h, smooth_h = rows[:h], rows[h:]
     chunk = 2 * _BLOB_CHUNK
-    along_w = torch.empty(min(chunk, 2 * n) * h, 2 * k * w, dtype=stains.dtype, device=stains.device)
-    responses = torch.empty(k, min(chunk, 2 * n), h * w, dtype=stains.dtype, device=stains.device)
+    along_w = torch.empty(min(chunk, m) * h, 2 * w, dtype=images.dtype, device=images.device)
+    response = torch.empty(min(chunk, m), h, w, dtype=images.dtype, device=images.device)
     mean_abs, quantile = [], []
-    for start in range(0, 2 * n, chunk):
-        batch = images[start : start + chunk]
-        m = len(batch)
-        # along the columns first: one product for all widths and both derivative orders, (m, h, [width, order, w])
-        a = torch.mm(batch.reshape(-1, w), columns.T, out=along_w[: m * h]).view(m, h, 2 * k * w)
-        for i in range(k):
-            d2_w, smooth_w = a[..., 2 * i * w : (2 * i + 1) * w], a[..., (2 * i + 1) * w : (2 * i + 2) * w]
-            d2_h, smooth_h = rows[2 * i * h : (2 * i + 1) * h], rows[(2 * i + 1) * h : (2 * i + 2) * h]
-            # then along the rows: d2/dy2 of the column-smoothed image plus the row-smoothed d2/dx2
-            r = responses[i, :m].view(m, h, w)
-            torch.matmul(d2_h, smooth_w, out=r).add_(torch.matmul(smooth_h, d2_w))
-        summary = _blob_statistics(responses[:, :m].reshape(k * m, h * w))
-        mean_abs.append(summary[0].reshape(k, m))
-        quantile.append(summary[1].reshape(k, m))
-    # columns: for each stain, for each width, the mean |response| and the 90th percentile of -response
-    features = torch.stack([torch.cat(mean_abs, 1), torch.cat(quantile, 1)], dim=2)  # (width, (patch, stain), 2)
-    return features.reshape(k, n, 2, 2).permute(1, 2, 0, 3).reshape(n, 4 * k)
+    for start in range(0, m, chunk):
+        batch = images[start : start + chunk].reshape(-1, w)
+        k = len(batch) // h
+        # along the columns first: both derivative orders in one product, (k, h, [order, w])
+        a = torch.mm(batch, columns.T, out=along_w[: k * h]).view(k, h, 2 * w)
+        d2_w, smooth_w = a[..., :w], a[..., w:]
+        # then along the rows: d2/dy2 of the column-smoothed image plus the row-smoothed d2/dx2
+        r = response[:k]
+        torch.matmul(d2_h, smooth_w, out=r).add_(torch.matmul(smooth_h, d2_w))
+        summary = _blob_statistics(r.reshape(k, h * w))
+        mean_abs.append(summary[0])
+        quantile.append(summary[1])
+    return [torch.cat(mean_abs), torch.cat(quantile)]
 
 
 def _blob_statistics(responses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

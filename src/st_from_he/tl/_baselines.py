@@ -10,6 +10,8 @@ from st_from_he._logging import logger
 
 _ALPHAS = np.logspace(-1, 5, 13)
 FEATURE_SETS = ("handcrafted", "handcrafted+blobs", "encoder", None)
+BLOB_FILTERS = ("pyramid", "full")
+"""``models._handcrafted.BLOB_FILTERS``, named here too: importing the models package loads torch."""
 EMBEDDING_PREFIX = "X_"
 """Features named ``"X_<name>"`` are cached embeddings in ``table.obsm["X_<name>"]`` (see :func:`~st_from_he.tl.embed`)."""
 _TARGET_EPS = 0.1  # added to each gene's within-section std (log-normalised units): rare genes are not blown up
@@ -80,6 +82,10 @@ class RidgeProbe:
         (:func:`~st_from_he.models.white_balance`) before the features are read; :meth:`fit` and :meth:`featurize`
         then need each patch's ``glass`` colour (:attr:`~st_from_he.pp.PatchDataset.glass`). Removes the scanner's
         colour cast, which the features would otherwise read as tissue.
+    blob_filters
+        ``"handcrafted+blobs"`` only: ``"pyramid"`` filters the wider blob widths on block-averaged stain images,
+        ``"full"`` on the patch's own pixels (see :func:`~st_from_he.models._handcrafted.stain_blob_features`).
+        Probes saved before this choice existed load as ``"full"``, so their features stay what they were fitted on.
     """
 
     def __init__(
@@ -95,8 +101,11 @@ class RidgeProbe:
         per_section: bool | str = False,
         rank: int | None = None,
         white_balance: bool = False,
+        blob_filters: str = "pyramid",
     ):
         check_probe_options(features, lowres=lowres, per_section=per_section, white_balance=white_balance)
+        if blob_filters not in BLOB_FILTERS:
+            raise ValueError(f"`blob_filters` must be one of {BLOB_FILTERS}, got {blob_filters!r}.")
         if rank is not None and rank < 1:
             raise ValueError(f"`rank` must be a positive number of principal axes or None, got {rank}.")
         self.features = features
@@ -109,6 +118,7 @@ class RidgeProbe:
         self.per_section = section_mode(per_section)
         self.rank = rank
         self.white_balance = bool(white_balance)
+        self.blob_filters = blob_filters
         self.state: dict[str, np.ndarray] = {}
         self._encoder_module = None
 
@@ -143,7 +153,7 @@ class RidgeProbe:
             batch = white_balance(batch, glass)
         if self.features == "handcrafted":
             return handcrafted_features(batch)
-        return np.concatenate([handcrafted_features(batch), stain_blob_features(batch)], axis=1)
+        return np.concatenate([handcrafted_features(batch), stain_blob_features(batch, self.blob_filters)], axis=1)
 
     def _torch_features(self, device):
         """A function of ``(batch, glass)`` computing the hand-crafted features with torch on ``device``."""
@@ -158,7 +168,8 @@ class RidgeProbe:
                 x = _as_uint8_tensor(batch).to(device)
                 if glass is not None:
                     x = white_balance_torch(x, glass)
-                return probe_features_torch(x, blobs=self.features == "handcrafted+blobs").cpu().numpy()
+                blobs = self.features == "handcrafted+blobs"
+                return probe_features_torch(x, blobs=blobs, blob_filters=self.blob_filters).cpu().numpy()
 
         return features
 
@@ -266,6 +277,7 @@ class RidgeProbe:
             "features": np.array(self.features or ""),
             "per_section": np.array(self.per_section or ""),
             "white_balance": np.array(self.white_balance),
+            "blob_filters": np.array(self.blob_filters),
             "target_mean": targets.mean(0).astype(np.float32),
             "seed": np.array(self.seed),
         }
@@ -402,6 +414,11 @@ class RidgeProbe:
         self._encoder_module = None
         self.per_section = section_mode(self.state.get("per_section", False))
         self.white_balance = bool(self.state.get("white_balance", False))
+        self.blob_filters = str(self.state.get("blob_filters", "full"))  # saved before the pyramid: full filters
+        if self.blob_filters not in BLOB_FILTERS:
+            raise ValueError(
+                f"This probe's state names unknown blob filters {self.blob_filters!r}: not {BLOB_FILTERS}."
+            )
         if "features" in self.state:  # probes saved before the feature set was recorded keep the constructor's
             self.features = str(self.state["features"]) or None
         if "seed" in self.state:
