@@ -6,7 +6,7 @@ issue 16). ``pyramid``: the wider two on the stain image block-averaged 2x and 4
 default since). Everything else is the default's probe: white balance, ``per_section="hybrid"``, rank 30, low-resolution
 copies in training (``lowres=4``), predictions smoothed over grid neighbours (weight 0.5). Scores: HVG-50 mean PCC per
 held-out section (:func:`st_from_he.tl.evaluate`). Speed: the probe's features of the 178 spots of C6 (both context
-scales) on 2 threads, best of 5 for each side, alternating; and how closely the two sides' blob columns agree.
+scales) on 2 threads, best of 10 for each side, alternating; and how closely the two sides' blob columns agree.
 
 Run: ``python benchmarks/blob_filters.py [--data ../shared/data/her2st]``; writes ``benchmarks/results/blob_filters.md``
 and ``.csv``.
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from accuracy import DOWNSAMPLE, downsampled_section, folds
+from accuracy import DOWNSAMPLE, downsampled_section
+from probe_variants import held_out_scores
 
 HERE = Path(__file__).resolve().parent
 FILTERS = ("full", "pyramid")
@@ -60,7 +61,7 @@ def section_features(sdata, section: str, filters: str, blurred: bool) -> dict:
 
 
 def speed(sdata) -> dict:
-    """Seconds for the probe's features of C6 with each filter set (best of 5, alternating), and their agreement."""
+    """Seconds for the probe's features of C6 with each filter set (best of 10, alternating), and their agreement."""
     import torch
 
     import st_from_he as sth
@@ -71,7 +72,7 @@ def speed(sdata) -> dict:
     x, glass = patches.to_numpy(), patches.glass_per_spot()
     probes = {f: _probe(f) for f in FILTERS}
     best = dict.fromkeys(FILTERS, np.inf)
-    for _ in range(5):
+    for _ in range(10):
         for f in FILTERS:
             start = time.perf_counter()
             probes[f].featurize(x, glass)
@@ -82,11 +83,7 @@ def speed(sdata) -> dict:
 
 
 def accuracy(data: Path) -> pd.DataFrame:
-    import anndata as ad
-
     import st_from_he as sth
-    from st_from_he.models import smooth_neighbours
-    from st_from_he.tl._data import measured_targets
 
     sdata = sth.datasets.her2st(path=data)
     cache = {}
@@ -98,32 +95,8 @@ def accuracy(data: Path) -> pd.DataFrame:
                 cache[(s, "full", f)] = section_features(single, s, f, blurred=True)
                 cache[(s, "low", f)] = section_features(small, s, f, blurred=False)
             print("features", s, flush=True)
-    rows = []
-    for split in ("patient", "section"):
-        for train, tests, genes in folds(sdata, data, SECTIONS, 1000, split):
-            table = train.tables["table"]
-            groups = table.obs["sample"].astype(str).to_numpy()
-            targets = measured_targets(table, genes)
-            for f in FILTERS:
-                parts = [cache[(s, "full", f)] for s in dict.fromkeys(groups)]
-                assert list(table.obs_names) == [n for p in parts for n in p["obs_names"]]
-                feats = np.concatenate([p["x"] for p in parts])
-                blurred = np.concatenate([p["blurred"] for p in parts])
-                probe = _probe(f, feats, blurred).fit(np.arange(len(feats)), targets, groups)
-                for section, test, _ in tests:
-                    measured = test.tables["table"]
-                    for resolution in ("full", "low"):
-                        cached = cache[(section, resolution, f)]
-                        assert list(cached["obs_names"]) == list(measured.obs_names)
-                        pred = probe.predict_features(cached["x"], np.full(len(cached["x"]), section))[0]
-                        pred = smooth_neighbours(pred, cached["spatial"], weight=0.5)
-                        predicted = ad.AnnData(pred, obs=measured.obs[["sample", "region", "spot_id"]].copy())
-                        predicted.var_names = genes
-                        summary = sth.tl.evaluate(measured, predicted=predicted)["summary"].loc[section]
-                        row = {"split": split, "section": section, "filters": f, "resolution": resolution}
-                        rows.append(row | {"hvg": summary["pcc_hvg"], "heg": summary["pcc_heg"]})
-                        print(rows[-1], flush=True)
-    return pd.DataFrame(rows)
+    variants = [({"filters": f}, f, lambda x, b, f=f: _probe(f, x, b)) for f in FILTERS]
+    return held_out_scores(sdata, data, SECTIONS, cache, variants)
 
 
 def report(df: pd.DataFrame, timing: dict, out: Path) -> str:
@@ -140,7 +113,7 @@ def report(df: pd.DataFrame, timing: dict, out: Path) -> str:
     lines = ["# Blob filters of the default probe: image pyramid against full resolution", "", __doc__, ""]
     lines += ["HVG-50 mean PCC:", "", table.round(3).to_markdown(), ""]
     lines += [
-        f"Features of the {timing['spots']} spots of C6 (2 threads, best of 5): full {timing['full_s']:.3f} s, "
+        f"Features of the {timing['spots']} spots of C6 (2 threads, best of 10): full {timing['full_s']:.3f} s, "
         f"pyramid {timing['pyramid_s']:.3f} s ({timing['full_s'] / timing['pyramid_s']:.2f}x). Correlation of each "
         f"blob column between the two, over these spots: median {timing['median_r']:.4f}, lowest {timing['min_r']:.4f}.",
         "",

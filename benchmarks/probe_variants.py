@@ -80,11 +80,8 @@ class CachedProbe:
 
 
 def main(args) -> pd.DataFrame:
-    import anndata as ad
 
     import st_from_he as sth
-    from st_from_he.models import smooth_neighbours
-    from st_from_he.tl._data import measured_targets
 
     data = Path(args.data)
     sdata = sth.datasets.her2st(path=data)
@@ -102,41 +99,54 @@ def main(args) -> pd.DataFrame:
                 cache[(s, "low", wb)] = section_features(small, s, wb, blurred=False)
             print("features", s, flush=True)
     pd.to_pickle(cache, cached)
+    variants = [
+        ({"white_balance": wb, "mode": mode}, wb, lambda f, b, mode=mode: CachedProbe(f, b, mode))
+        for wb in (False, True)
+        for mode in ("zscore", "centre", "hybrid")
+    ]
+    return held_out_scores(sdata, data, sections, cache, variants)
+
+
+def held_out_scores(sdata, data: Path, sections: list[str], cache: dict, variants: list) -> pd.DataFrame:
+    """HVG and HEG PCC of every held-out section of the folds of ``accuracy.py``, for each probe variant.
+
+    ``cache[(section, resolution, tag)]``: a section's cached features (``section_features``) at ``"full"`` and
+    ``"low"`` resolution. ``variants``: ``(labels, tag, make_probe)``, where ``make_probe(features, blurred)`` gives
+    a probe that looks the training rows' features up, fitted on the features of ``tag``; ``labels`` go into its rows.
+    Predictions are smoothed over grid neighbours (weight 0.5), as the default does.
+    """
+    import anndata as ad
+
+    import st_from_he as sth
+    from st_from_he.models import smooth_neighbours
+    from st_from_he.tl._data import measured_targets
+
     rows = []
     for split in ("patient", "section"):
         for train, tests, genes in folds(sdata, data, sections, 1000, split):
             table = train.tables["table"]
             groups = table.obs["sample"].astype(str).to_numpy()
             targets = measured_targets(table, genes)
-            for wb in (False, True):
-                parts = [cache[(s, "full", wb)] for s in dict.fromkeys(groups)]
+            for labels, tag, make_probe in variants:
+                parts = [cache[(s, "full", tag)] for s in dict.fromkeys(groups)]
                 assert list(table.obs_names) == [n for p in parts for n in p["obs_names"]]
                 feats = np.concatenate([p["x"] for p in parts])
                 blurred = np.concatenate([p["blurred"] for p in parts])
-                for mode in ("zscore", "centre", "hybrid"):
-                    probe = CachedProbe(feats, blurred, mode).fit(np.arange(len(feats)), targets, groups)
-                    for section, test, _ in tests:
-                        measured = test.tables["table"]
-                        for resolution in ("full", "low"):
-                            cached = cache[(section, resolution, wb)]
-                            assert list(cached["obs_names"]) == list(measured.obs_names)
-                            x, spatial = cached["x"], cached["spatial"]
-                            pred = probe.predict_features(x, np.full(len(x), section))[0]
-                            pred = smooth_neighbours(pred, spatial, weight=0.5)
-                            predicted = ad.AnnData(pred, obs=measured.obs[["sample", "region", "spot_id"]].copy())
-                            predicted.var_names = genes
-                            summary = sth.tl.evaluate(measured, predicted=predicted)["summary"].loc[section]
-                            row = {
-                                "split": split,
-                                "section": section,
-                                "white_balance": wb,
-                                "mode": mode,
-                                "resolution": resolution,
-                                "hvg": summary["pcc_hvg"],
-                                "heg": summary["pcc_heg"],
-                            }
-                            rows.append(row)
-                            print(row, flush=True)
+                probe = make_probe(feats, blurred).fit(np.arange(len(feats)), targets, groups)
+                for section, test, _ in tests:
+                    measured = test.tables["table"]
+                    for resolution in ("full", "low"):
+                        cached = cache[(section, resolution, tag)]
+                        assert list(cached["obs_names"]) == list(measured.obs_names)
+                        x, spatial = cached["x"], cached["spatial"]
+                        pred = probe.predict_features(x, np.full(len(x), section))[0]
+                        pred = smooth_neighbours(pred, spatial, weight=0.5)
+                        predicted = ad.AnnData(pred, obs=measured.obs[["sample", "region", "spot_id"]].copy())
+                        predicted.var_names = genes
+                        summary = sth.tl.evaluate(measured, predicted=predicted)["summary"].loc[section]
+                        row = {"split": split, "section": section, **labels, "resolution": resolution}
+                        rows.append(row | {"hvg": summary["pcc_hvg"], "heg": summary["pcc_heg"]})
+                        print(rows[-1], flush=True)
     return pd.DataFrame(rows)
 
 

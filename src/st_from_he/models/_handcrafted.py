@@ -111,8 +111,8 @@ _PYRAMID_REDUCE = (1, 2, 4)
 """Block-averaging factor of the stain image for each of :data:`_BLOB_SIGMAS` under ``"pyramid"``: every width is
 then 1.5 px of its level, as in an image pyramid. A scale-normalised response does not depend on the unit of length,
 and a wide Gaussian leaves little detail for finer pixels to add: each column correlates 0.994 or more with the
-full filters' over the spots of her2st C6, held-out HVG PCC is unchanged within 0.003 on every fold, at 1.35x the
-speed of the probe's features (``benchmarks/results/blob_filters.md``)."""
+full filters' over the spots of her2st C6, held-out HVG PCC is unchanged within 0.003 on every fold, and the probe's
+features are 1.2-1.4x as fast (``benchmarks/results/blob_filters.md``)."""
 
 
 def stain_blob_features(patches: np.ndarray, filters: str = "pyramid") -> np.ndarray:

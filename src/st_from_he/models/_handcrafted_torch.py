@@ -16,8 +16,8 @@ on a GPU when the patches are there and faster than the reference on a CPU:
   thread, and on a GPU by label propagation to a fixed point (:func:`_count_components`);
 - the Gaussian-derivative filters of the blob features as matrix products with the filters' matrices, boundary
   reflection included (:func:`_filter_matrix`), which a GPU and BLAS run at full speed, a few patches at a time
-  (:data:`_BLOB_CHUNK`); the 90th percentile of the sign-flipped response from the mirrored order statistics of the
-  response itself.
+  (:data:`_BLOB_CHUNK`), each width on its pyramid level (``avg_pool2d``); the 90th percentile of the sign-flipped
+  response from the mirrored order statistics of the response itself.
 """
 
 from __future__ import annotations
@@ -527,7 +527,7 @@ def _filter_matrices(n: int, sigma: float) -> torch.Tensor:
 
 
 _BLOB_CHUNK = 32
-"""Patches filtered at a time: their intermediate products (19 MB at 112 px) stay in the cache and in reused
+"""Patches filtered at a time: their intermediate products (about 10 MB at 112 px) stay in the cache and in reused
 memory, where one product for a whole batch pays a page fault per 4 kB (a third or more of its time on a CPU)."""
 
 

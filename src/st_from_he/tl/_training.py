@@ -82,7 +82,7 @@ def normalise_images(x, mean, std):
 
     mean = torch.as_tensor(mean, device=x.device, dtype=torch.float32).view(3, 1, 1)
     std = torch.as_tensor(std, device=x.device, dtype=torch.float32).view(3, 1, 1)
-    return (x.float() / 255.0 - mean) / std
+    return x.float().div_(255.0).sub_(mean).div_(std)  # in place: the same values, no temporaries (3x)
 
 
 def check_strategy(strategy):
