@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import dask.array as da
 import numpy as np
@@ -272,3 +274,25 @@ def test_unknown_resolution_is_an_error():
     sdata = sd.SpatialData(images={"S_image": element}, tables={"table": table})
     with pytest.raises(ValueError, match="resolution is unknown"):
         sth.pp.extract_patches(sdata)
+
+
+def test_resampling_kernel_is_loaded_from_numba_disk_cache():
+    """A fresh process loads the compiled kernel instead of compiling it again (2-3 s before the first patch).
+
+    The kernel used to be defined inside a function, whose on-disk cache numba never reused: every process compiled.
+    """
+    code = (
+        "import numpy as np\n"
+        "from st_from_he.pp._patches import _kernel, resample_boxes\n"
+        "out = resample_boxes(np.full((3, 40, 40), 7, np.uint8), np.array([[5.0, 5.0, 25.0, 25.0]]), 8)\n"
+        "assert (out == 7).all()\n"
+        "stats = _kernel().stats\n"
+        "print(sum(stats.cache_hits.values()), sum(stats.cache_misses.values()))\n"
+    )
+
+    def run() -> list[int]:
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return [int(v) for v in done.stdout.split()]
+
+    run()  # compiles and saves, unless an earlier process did
+    assert run() == [1, 0]
