@@ -144,11 +144,10 @@ def stain_blob_features(patches: np.ndarray, filters: str = "pyramid") -> np.nda
     n, _, h, w = patches.shape
     od = -np.log((patches.reshape(n, 3, -1).astype(np.float32) + 1.0) / 256.0)
     hed = np.einsum("ij,njp->nip", _HED_FROM_RGB.T, od).reshape(n, 3, h, w)
-    reduce = _PYRAMID_REDUCE if filters == "pyramid" else (1,) * len(_BLOB_SIGMAS)
     features = []
     for stain in hed[:, 0], hed[:, 1]:
-        for sigma, factor in zip(_BLOB_SIGMAS, reduce, strict=True):
-            image, width = block_mean(stain, factor), sigma / factor
+        for width, factor in blob_levels(filters):
+            image = block_mean(stain, factor)
             # second derivatives along the two image axes only (not across the stack of patches)
             response = sum(ndimage.gaussian_filter(image, (0, width, width), order=order) for order in _D2)
             response = response.reshape(n, -1) * width**2
@@ -156,10 +155,20 @@ def stain_blob_features(patches: np.ndarray, filters: str = "pyramid") -> np.nda
     return np.stack(features, axis=1).astype(np.float32)
 
 
+def blob_levels(filters: str) -> list[tuple[float, int]]:
+    """``(width in pixels of its level, the level's block-averaging factor)`` of each blob width under ``filters``.
+
+    For each of :data:`_BLOB_SIGMAS`, ``filters`` one of :data:`BLOB_FILTERS`.
+    """
+    reduce = _PYRAMID_REDUCE if filters == "pyramid" else (1,) * len(_BLOB_SIGMAS)
+    return [(sigma / factor, factor) for sigma, factor in zip(_BLOB_SIGMAS, reduce, strict=True)]
+
+
 def block_mean(images: np.ndarray, factor: int) -> np.ndarray:
     """Each image of a stack ``(n, h, w)`` averaged over blocks of ``factor`` x ``factor`` pixels (edges cropped)."""
     if factor == 1:
         return images
     n, h, w = images.shape
-    f = factor
-    return images[:, : h - h % f, : w - w % f].reshape(n, h // f, f, w // f, f).mean((2, 4))
+    return (
+        images[:, : h - h % factor, : w - w % factor].reshape(n, h // factor, factor, w // factor, factor).mean((2, 4))
+    )

@@ -28,7 +28,7 @@ from functools import lru_cache, partial
 import numpy as np
 import torch
 
-from ._handcrafted import _BACKGROUND, _BLOB_SIGMAS, _HED_FROM_RGB, _PYRAMID_REDUCE, BLOB_FILTERS
+from ._handcrafted import _BACKGROUND, _BLOB_SIGMAS, _HED_FROM_RGB, BLOB_FILTERS, blob_levels
 
 
 def handcrafted_features_torch(patches: torch.Tensor) -> torch.Tensor:
@@ -73,6 +73,8 @@ def probe_features_torch(
     """
     if not (handcrafted or blobs):
         raise ValueError("Ask for the hand-crafted features, the blob features or both (`handcrafted`, `blobs`).")
+    if blob_filters not in BLOB_FILTERS:
+        raise ValueError(f"`blob_filters` must be one of {BLOB_FILTERS}, got {blob_filters!r}.")
     x = _check_patches(patches)
     if x.device.type == "mps":  # no float64 there, which NumPy's percentile interpolation takes: on the CPU
         return probe_features_torch(x.cpu(), handcrafted=handcrafted, blobs=blobs, blob_filters=blob_filters).to(
@@ -414,10 +416,7 @@ def _handcrafted_one_scale(patches: torch.Tensor, stains: torch.Tensor) -> torch
     grey_img, haem_img = grey.reshape(n, h, w), haem.reshape(n, h, w)
     features += [_blob_count(haem_img)]
     for factor in (1, 4):
-        img = grey_img
-        if factor > 1:
-            img = grey_img[:, : h - h % factor, : w - w % factor]
-            img = img.reshape(n, h // factor, factor, w // factor, factor).mean((2, 4))
+        img = _block_mean(grey_img, factor)
         gy, gx = _gradient(img, 1), _gradient(img, 2)
         grad = torch.hypot(gx, gy).reshape(n, -1)
         lap = _laplacian(img).abs_().reshape(n, -1)
@@ -536,15 +535,11 @@ def _blobs_one_scale(patches: torch.Tensor, stains: torch.Tensor, filters: str =
 
     ``stains``: their haematoxylin and eosin densities ``(n, 2, h * w)`` (:func:`_stains`); ``filters`` as there.
     """
-    if filters not in BLOB_FILTERS:
-        raise ValueError(f"`blob_filters` must be one of {BLOB_FILTERS}, got {filters!r}.")
     n, _, h, w = patches.shape
     images = stains.reshape(2 * n, h, w)  # (patch, stain) pairs
-    reduce = _PYRAMID_REDUCE if filters == "pyramid" else (1,) * len(_BLOB_SIGMAS)
     columns = []  # for each width: the mean |response| and the 90th percentile of -response, (patch, stain) rows
-    for sigma, factor in zip(_BLOB_SIGMAS, reduce, strict=True):
-        level = _block_mean(images, factor)
-        columns += _blob_responses(level, sigma / factor)
+    for width, factor in blob_levels(filters):
+        columns += _blob_responses(_block_mean(images, factor), width)
     features = torch.stack(columns, dim=1)  # ((patch, stain), (width, statistic))
     return features.reshape(n, 2 * 2 * len(_BLOB_SIGMAS))
 
