@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from accuracy import DOWNSAMPLE, downsampled_section
-from probe_variants import held_out_scores
+from probe_variants import held_out_scores, section_features
 
 HERE = Path(__file__).resolve().parent
 FILTERS = ("full", "pyramid")
@@ -45,19 +45,6 @@ def _probe(filters: str, features=None, blurred=None):
             return blurred[rows]
 
     return Cached("handcrafted+blobs", **kwargs)  # the cached features are white-balanced already
-
-
-def section_features(sdata, section: str, filters: str, blurred: bool) -> dict:
-    """The probe's features of one section's spots (and of their blurred training copies)."""
-    import st_from_he as sth
-
-    patches = sth.pp.extract_patches(sdata, size_um=112, size_px=112, context=(1.0, 3.0), samples=[section])
-    x, glass = patches.to_numpy(), patches.glass_per_spot()
-    probe = _probe(filters)
-    out = {"x": probe.featurize(x, glass), "spatial": patches.spatial, "obs_names": patches.obs_names}
-    if blurred:
-        out["blurred"] = probe._blurred_features(x, glass)
-    return out
 
 
 def speed(sdata) -> dict:
@@ -92,8 +79,8 @@ def accuracy(data: Path) -> pd.DataFrame:
             small = downsampled_section(data, s, DOWNSAMPLE, Path(tmp))
             single = sth.pp.split_sections(sdata, test=[s])[1]
             for f in FILTERS:
-                cache[(s, "full", f)] = section_features(single, s, f, blurred=True)
-                cache[(s, "low", f)] = section_features(small, s, f, blurred=False)
+                cache[(s, "full", f)] = section_features(single, s, _probe(f))
+                cache[(s, "low", f)] = section_features(small, s, _probe(f), blurred=False)
             print("features", s, flush=True)
     variants = [({"filters": f}, f, lambda x, b, f=f: _probe(f, x, b)) for f in FILTERS]
     return held_out_scores(sdata, data, SECTIONS, cache, variants)

@@ -37,15 +37,13 @@ def resolution_dependent() -> np.ndarray:
     return np.concatenate([np.tile(hand, _SCALES), np.ones(_BLOBS * _SCALES, bool)])
 
 
-def section_features(sdata, section: str, white_balance: bool, blurred: bool = True) -> dict:
-    """Features (and blurred copies' features) of one section's spots as the default's probe computes them."""
+def section_features(sdata, section: str, probe, blurred: bool = True) -> dict:
+    """Features (and blurred copies' features) of one section's spots as ``probe`` (a ``RidgeProbe``) computes them."""
     import st_from_he as sth
-    from st_from_he.tl._baselines import RidgeProbe
 
     patches = sth.pp.extract_patches(sdata, size_um=112, size_px=112, context=(1.0, 3.0), samples=[section])
     x = patches.to_numpy()
-    glass = patches.glass_per_spot() if white_balance else None
-    probe = RidgeProbe("handcrafted+blobs", white_balance=white_balance, lowres=4.0, seed=0)
+    glass = patches.glass_per_spot() if probe.white_balance else None
     out = {"x": probe.featurize(x, glass), "spatial": patches.spatial, "obs_names": patches.obs_names}
     if blurred:
         out["blurred"] = probe._blurred_features(x, glass)
@@ -82,6 +80,7 @@ class CachedProbe:
 def main(args) -> pd.DataFrame:
 
     import st_from_he as sth
+    from st_from_he.tl._baselines import RidgeProbe
 
     data = Path(args.data)
     sdata = sth.datasets.her2st(path=data)
@@ -95,8 +94,9 @@ def main(args) -> pd.DataFrame:
             small = downsampled_section(data, s, DOWNSAMPLE, Path(tmp))
             single = sth.pp.split_sections(sdata, test=[s])[1]
             for wb in (False, True):
-                cache[(s, "full", wb)] = section_features(single, s, wb)
-                cache[(s, "low", wb)] = section_features(small, s, wb, blurred=False)
+                probe = RidgeProbe("handcrafted+blobs", white_balance=wb, lowres=4.0, seed=0)
+                cache[(s, "full", wb)] = section_features(single, s, probe)
+                cache[(s, "low", wb)] = section_features(small, s, probe, blurred=False)
             print("features", s, flush=True)
     pd.to_pickle(cache, cached)
     variants = [
