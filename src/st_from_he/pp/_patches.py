@@ -56,17 +56,12 @@ _BATCH = 64
 # Resampling kernel (numba, compiled on first use and cached on disk)
 # --------------------------------------------------------------------------------------------------------------------
 
-_KERNEL = None
-
 
 def _kernel():
     """The compiled resampling kernel (numba imported, the kernel compiled or loaded from its cache, on first use)."""
-    global _KERNEL
-    if _KERNEL is None:
-        from ._resample_kernel import resample
+    from ._resample_kernel import resample  # a module import runs once: later calls find it in sys.modules
 
-        _KERNEL = resample
-    return _KERNEL
+    return resample
 
 
 def resample_boxes(src: np.ndarray, boxes: np.ndarray, size_px: int, *, out: np.ndarray | None = None) -> np.ndarray:
